@@ -1,0 +1,109 @@
+"""What device this is (the fingerprint a lookup table is tied to) and its readable state.
+
+Read from /proc and /sys where they exist (Linux, Android/Termux); every probe degrades to an
+empty value elsewhere instead of failing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+import device_server
+
+__all__ = ["DeviceIdentity", "probe_identity", "read_state"]
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    cpu_model: str
+    cpu_count: int
+    machine: str
+    os: str
+    os_release: str
+    android_version: str
+    ort_version: str
+    providers: tuple[str, ...]
+    daemon_version: str
+    python_version: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the hardware and OS identity. Runtime versions are conditions of their own
+        (kept beside the fingerprint in a table's identity), so they are not part of it."""
+        ident = "|".join(
+            [self.cpu_model, str(self.cpu_count), self.machine, self.os, self.android_version]
+        )
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _cpu_model() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Hardware", "Processor", "cpu model"):
+            if value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def _android_version() -> str:
+    getprop = shutil.which("getprop")
+    if not getprop:
+        return ""
+    try:
+        out = subprocess.run(
+            [getprop, "ro.build.version.release"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def probe_identity() -> DeviceIdentity:
+    return DeviceIdentity(
+        cpu_model=_cpu_model(),
+        cpu_count=os.cpu_count() or 1,
+        machine=platform.machine(),
+        os=platform.system(),
+        os_release=platform.release(),
+        android_version=_android_version(),
+        ort_version=ort.__version__,
+        providers=tuple(ort.get_available_providers()),
+        daemon_version=device_server.__version__,
+        python_version=platform.python_version(),
+    )
+
+
+def read_state() -> dict[str, str]:
+    """Load, per-core frequency and temperatures, as far as the OS lets us read them."""
+    state: dict[str, str] = {}
+    try:
+        state["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
+    for path in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")):
+        cpu = path.split("/")[5]
+        khz = _read(path)
+        if khz.isdigit():
+            state[f"freq_mhz.{cpu}"] = str(int(khz) // 1000)
+    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*")):
+        temp = _read(f"{zone}/temp")
+        kind = _read(f"{zone}/type") or os.path.basename(zone)
+        if temp.lstrip("-").isdigit():
+            state[f"temp_c.{kind}"] = f"{int(temp) / 1000:.1f}"
+    return state

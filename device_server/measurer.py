@@ -1,0 +1,211 @@
+"""The daemon's plain core: turns a validated request into a timing. Knows nothing of gRPC.
+
+Every measurement holds the device queue for its whole duration (session creation included),
+so measurements never overlap; sessions are LRU-cached by (graph, session options).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from device_server.builder import build_identity_model, build_layer_model
+from device_server.errors import (
+    InvalidConfigError,
+    ResourceLimitError,
+    UnavailableProviderError,
+)
+from device_server.model_store import ModelStore
+from device_server.queue import DeviceQueue
+from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
+from device_server.stats import Conditions, TimingStats
+from device_server.timer import PreparedSession, TimeBudget, create_session, time_callable
+
+__all__ = ["Limits", "Measurer", "Timed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps that protect the device: refused requests are never attempted."""
+
+    max_tensor_mib: float = 512.0     # inputs + weights + outputs of one unit, float32
+    max_gmacs: float = 50.0           # multiply-accumulates of one unit, per call
+    max_measure_s: float = 120.0      # one measurement, warm-up included
+    max_queue_depth: int = 32
+    max_model_mib: float = 512.0
+    model_cache_mib: float = 1024.0
+    session_cache_size: int = 64
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A timing with its conditions and the interval it held the device (daemon clock)."""
+
+    timing: TimingStats
+    conditions: Conditions
+    started_unix_ns: int
+    finished_unix_ns: int
+    config_hash: str
+
+
+class Measurer:
+    def __init__(self, fingerprint: str, default_threads: int, limits: Limits) -> None:
+        self.fingerprint = fingerprint
+        self.default_threads = default_threads
+        self.limits = limits
+        self.queue = DeviceQueue(limits.max_queue_depth)
+        self.models = ModelStore(
+            int(limits.max_model_mib * 2**20), int(limits.model_cache_mib * 2**20)
+        )
+        self._sessions: collections.OrderedDict[tuple[str, ...], PreparedSession] = (
+            collections.OrderedDict()
+        )
+        self._sessions_lock = threading.Lock()
+
+    # -- public entry points -------------------------------------------------------------
+    def measure_layer(
+        self,
+        spec: LayerSpec,
+        session: SessionSpec,
+        policy: MeasurePolicy,
+        deadline: float | None = None,
+        is_active: Callable[[], bool] | None = None,
+    ) -> Timed:
+        self._check_layer_bounds(spec)
+        return self._measure(
+            ("layer", spec.key()),
+            spec.digest(),
+            lambda: build_layer_model(spec).SerializeToString(),
+            session,
+            policy,
+            deadline,
+            is_active,
+        )
+
+    def measure_overhead(
+        self,
+        session: SessionSpec,
+        policy: MeasurePolicy,
+        deadline: float | None = None,
+        is_active: Callable[[], bool] | None = None,
+    ) -> Timed:
+        return self._measure(
+            ("identity",),
+            "identity",
+            lambda: build_identity_model().SerializeToString(),
+            session,
+            policy,
+            deadline,
+            is_active,
+        )
+
+    def measure_model(
+        self,
+        sha256: str,
+        session: SessionSpec,
+        policy: MeasurePolicy,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        deadline: float | None = None,
+        is_active: Callable[[], bool] | None = None,
+    ) -> Timed:
+        blob = self.models.get(sha256)
+        shapes = input_shapes or {}
+        shape_key = ";".join(f"{k}={list(v)}" for k, v in sorted(shapes.items()))
+        return self._measure(
+            ("model", sha256, shape_key),
+            sha256[:16],
+            lambda: blob,
+            session,
+            policy,
+            deadline,
+            is_active,
+            shapes,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+    def _check_layer_bounds(self, spec: LayerSpec) -> None:
+        mib = spec.tensor_bytes() / 2**20
+        if mib > self.limits.max_tensor_mib:
+            raise ResourceLimitError(
+                f"{spec.describe()} needs {mib:.0f} MiB of tensors, over this daemon's cap of "
+                f"{self.limits.max_tensor_mib:.0f} MiB: use a smaller batch, size or channels"
+            )
+        gmacs = spec.macs() / 1e9
+        if gmacs > self.limits.max_gmacs:
+            raise ResourceLimitError(
+                f"{spec.describe()} is {gmacs:.1f} GMACs per call, over this daemon's cap of "
+                f"{self.limits.max_gmacs:.0f} GMACs: use a smaller batch, size or channels"
+            )
+
+    def _resolve_session(self, session: SessionSpec) -> SessionSpec:
+        available = ort.get_available_providers()
+        if session.provider not in available:
+            raise UnavailableProviderError(
+                f"execution provider {session.provider!r} is not available on this device; "
+                f"available: {', '.join(available)}"
+            )
+        return session.with_threads(self.default_threads)
+
+    def _measure(
+        self,
+        graph_key: tuple[str, ...],
+        config_hash: str,
+        model_bytes: Callable[[], bytes],
+        session: SessionSpec,
+        policy: MeasurePolicy,
+        deadline: float | None,
+        is_active: Callable[[], bool] | None,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> Timed:
+        policy.validate()
+        resolved = self._resolve_session(session)
+        cache_key = (*graph_key, resolved.key())
+        budget = TimeBudget(cap_s=self.limits.max_measure_s, deadline=deadline)
+        with self.queue.hold(deadline=deadline, is_active=is_active):
+            started = time.time_ns()
+            prepared, created = self._session(cache_key, model_bytes, resolved, input_shapes)
+            timing = time_callable(
+                prepared.run, policy, budget, create_ms=prepared.create_ms if created else 0.0
+            )
+            finished = time.time_ns()
+        conditions = Conditions(
+            device_fingerprint=self.fingerprint,
+            ort_version=ort.__version__,
+            provider=resolved.provider,
+            intra_op_threads=resolved.intra_op_threads,
+            graph_optimization=resolved.graph_optimization.value,
+            provider_options=resolved.provider_options,
+        )
+        return Timed(timing, conditions, started, finished, config_hash)
+
+    def _session(
+        self,
+        key: tuple[str, ...],
+        model_bytes: Callable[[], bytes],
+        session: SessionSpec,
+        input_shapes: dict[str, tuple[int, ...]] | None,
+    ) -> tuple[PreparedSession, bool]:
+        with self._sessions_lock:
+            cached = self._sessions.get(key)
+            if cached is not None:
+                self._sessions.move_to_end(key)
+                return cached, False
+        try:
+            prepared = create_session(model_bytes(), session, input_shapes)
+        except InvalidConfigError:
+            raise
+        except Exception as exc:
+            raise InvalidConfigError(f"cannot prepare the session: {exc}") from exc
+        with self._sessions_lock:
+            self._sessions[key] = prepared
+            while len(self._sessions) > self.limits.session_cache_size:
+                self._sessions.popitem(last=False)
+        return prepared, True

@@ -1,0 +1,198 @@
+"""Conversions between the plain dataclasses (spec.py, stats.py) and the netadapt.v1 protobuf
+messages. Both sides of the wire use these; nothing else touches message fields."""
+
+from __future__ import annotations
+
+from device_server.errors import InvalidConfigError
+from device_server.spec import (
+    DEFAULT_PROVIDER,
+    Activation,
+    GraphOptimization,
+    LayerSpec,
+    MeasurePolicy,
+    OpKind,
+    SessionSpec,
+)
+from device_server.stats import Conditions, TimingStats
+from protos import device_pb2 as pb
+
+__all__ = [
+    "layer_to_proto",
+    "layer_from_proto",
+    "session_to_proto",
+    "session_from_proto",
+    "policy_to_proto",
+    "policy_from_proto",
+    "timing_to_proto",
+    "timing_from_proto",
+    "conditions_to_proto",
+    "conditions_from_proto",
+]
+
+_OPS = {
+    OpKind.CONV2D: pb.CONV2D,
+    OpKind.LINEAR: pb.LINEAR,
+    OpKind.MAX_POOL: pb.MAX_POOL,
+    OpKind.AVG_POOL: pb.AVG_POOL,
+    OpKind.GLOBAL_AVG_POOL: pb.GLOBAL_AVG_POOL,
+    OpKind.ADD: pb.ADD,
+}
+_OPS_BACK = {v: k for k, v in _OPS.items()}
+_ACTS = {
+    Activation.NONE: pb.ACTIVATION_NONE,
+    Activation.RELU: pb.RELU,
+    Activation.RELU6: pb.RELU6,
+    Activation.HARDSWISH: pb.HARDSWISH,
+}
+_ACTS_BACK = {v: k for k, v in _ACTS.items()}
+_OPT = {
+    GraphOptimization.DISABLE_ALL: pb.DISABLE_ALL,
+    GraphOptimization.ENABLE_BASIC: pb.ENABLE_BASIC,
+    GraphOptimization.ENABLE_EXTENDED: pb.ENABLE_EXTENDED,
+    GraphOptimization.ENABLE_ALL: pb.ENABLE_ALL,
+}
+_OPT_BACK = {v: k for k, v in _OPT.items()}
+
+
+def layer_to_proto(spec: LayerSpec) -> pb.LayerConfig:
+    return pb.LayerConfig(
+        op=_OPS[spec.op],
+        input_shape=list(spec.input_shape),
+        out_channels=spec.out_channels,
+        kernel=list(spec.kernel),
+        stride=list(spec.stride),
+        padding=list(spec.padding),
+        dilation=list(spec.dilation),
+        groups=spec.groups,
+        bias=spec.bias,
+        batch_norm=spec.batch_norm,
+        activation=_ACTS[spec.activation],
+        residual=spec.residual,
+    )
+
+
+def layer_from_proto(msg: pb.LayerConfig) -> LayerSpec:
+    """Raises InvalidConfigError for an unknown op or activation, or an unbuildable unit."""
+    if msg.op not in _OPS_BACK:
+        known = ", ".join(pb.OpKind.Name(v) for v in _OPS_BACK)
+        raise InvalidConfigError(f"unknown or unset op kind ({msg.op}); use one of: {known}")
+    if msg.activation not in _ACTS_BACK:
+        raise InvalidConfigError(f"unknown activation ({msg.activation})")
+    return LayerSpec.create(
+        op=_OPS_BACK[msg.op],
+        input_shape=tuple(msg.input_shape),
+        out_channels=msg.out_channels,
+        kernel=tuple(msg.kernel),
+        stride=tuple(msg.stride),
+        padding=tuple(msg.padding),
+        dilation=tuple(msg.dilation),
+        groups=msg.groups,
+        bias=msg.bias,
+        batch_norm=msg.batch_norm,
+        activation=_ACTS_BACK[msg.activation],
+        residual=msg.residual,
+    )
+
+
+def session_to_proto(spec: SessionSpec) -> pb.SessionOptions:
+    return pb.SessionOptions(
+        provider=spec.provider,
+        provider_options=dict(spec.provider_options),
+        intra_op_threads=spec.intra_op_threads,
+        graph_optimization=_OPT[spec.graph_optimization],
+    )
+
+
+def session_from_proto(msg: pb.SessionOptions) -> SessionSpec:
+    if msg.intra_op_threads < 0:
+        raise InvalidConfigError(
+            f"intra_op_threads must be >= 0 (0 = daemon default), got {msg.intra_op_threads}"
+        )
+    level = msg.graph_optimization
+    if level != pb.GRAPH_OPTIMIZATION_DEFAULT and level not in _OPT_BACK:
+        raise InvalidConfigError(f"unknown graph optimisation level ({level})")
+    return SessionSpec(
+        provider=msg.provider or DEFAULT_PROVIDER,
+        provider_options=tuple(sorted(msg.provider_options.items())),
+        intra_op_threads=msg.intra_op_threads,
+        graph_optimization=_OPT_BACK.get(level, GraphOptimization.ENABLE_ALL),
+    )
+
+
+def policy_to_proto(policy: MeasurePolicy) -> pb.MeasurePolicy:
+    return pb.MeasurePolicy(
+        warmup_runs=policy.warmup_runs,
+        min_warmup_ms=policy.min_warmup_ms,
+        repeat=policy.repeat,
+        number=policy.number,
+        min_repeat_ms=policy.min_repeat_ms,
+    )
+
+
+def policy_from_proto(msg: pb.MeasurePolicy) -> MeasurePolicy:
+    """Zero fields take the defaults; negative ones are refused."""
+    default = MeasurePolicy()
+    policy = MeasurePolicy(
+        warmup_runs=msg.warmup_runs or default.warmup_runs,
+        min_warmup_ms=msg.min_warmup_ms or default.min_warmup_ms,
+        repeat=msg.repeat or default.repeat,
+        number=msg.number,
+        min_repeat_ms=msg.min_repeat_ms or default.min_repeat_ms,
+    )
+    policy.validate()
+    return policy
+
+
+def timing_to_proto(t: TimingStats) -> pb.TimingStats:
+    return pb.TimingStats(
+        median_ms=t.median_ms,
+        mean_ms=t.mean_ms,
+        std_ms=t.std_ms,
+        p90_ms=t.p90_ms,
+        min_ms=t.min_ms,
+        max_ms=t.max_ms,
+        samples_count=t.samples_count,
+        samples_ms=list(t.samples_ms),
+        number=t.number,
+        warmup_runs=t.warmup_runs,
+        session_create_ms=t.session_create_ms,
+    )
+
+
+def timing_from_proto(msg: pb.TimingStats) -> TimingStats:
+    return TimingStats(
+        median_ms=msg.median_ms,
+        mean_ms=msg.mean_ms,
+        std_ms=msg.std_ms,
+        p90_ms=msg.p90_ms,
+        min_ms=msg.min_ms,
+        max_ms=msg.max_ms,
+        samples_count=msg.samples_count,
+        samples_ms=tuple(msg.samples_ms),
+        number=msg.number,
+        warmup_runs=msg.warmup_runs,
+        session_create_ms=msg.session_create_ms,
+    )
+
+
+def conditions_to_proto(c: Conditions) -> pb.Conditions:
+    return pb.Conditions(
+        device_fingerprint=c.device_fingerprint,
+        ort_version=c.ort_version,
+        provider=c.provider,
+        provider_options=dict(c.provider_options),
+        intra_op_threads=c.intra_op_threads,
+        graph_optimization=_OPT[GraphOptimization(c.graph_optimization)],
+    )
+
+
+def conditions_from_proto(msg: pb.Conditions) -> Conditions:
+    level = _OPT_BACK.get(msg.graph_optimization, GraphOptimization.ENABLE_ALL)
+    return Conditions(
+        device_fingerprint=msg.device_fingerprint,
+        ort_version=msg.ort_version,
+        provider=msg.provider,
+        intra_op_threads=msg.intra_op_threads,
+        graph_optimization=level.value,
+        provider_options=tuple(sorted(msg.provider_options.items())),
+    )

@@ -1,0 +1,33 @@
+"""Generates the gRPC code from protos/ as part of every build (wheel, sdist, editable).
+
+The generated *_pb2*.py files are build outputs: never committed, never edited.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc  # build-time dependency (pyproject build-system)
+
+    for proto in sorted((ROOT / "protos").glob("*.proto")):
+        rel = str(proto)
+        args = ["protoc", f"-I{ROOT}", f"--python_out={ROOT}", f"--grpc_python_out={ROOT}",
+                f"--pyi_out={ROOT}", rel]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {rel}")
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos})
