@@ -68,7 +68,8 @@ class LayerSpec:
 
     `input_shape` is (N, C, H, W), or (N, C) for LINEAR. Spatial parameters are (h, w) pairs.
     `groups == C == out_channels` is a depthwise convolution. `batch_norm`, `activation` and
-    `residual` describe what the runtime fuses into a convolution.
+    `residual` describe what the runtime fuses into a convolution; `residual` adds a second
+    tensor of the output's shape (the block's skip input) before the activation.
     """
 
     op: OpKind
@@ -187,8 +188,9 @@ class LayerSpec:
 
     def tensor_bytes(self) -> int:
         """float32 bytes of inputs, weights and output: what a session must hold."""
-        inputs = _prod(self.input_shape) * (2 if self.op is OpKind.ADD or self.residual else 1)
-        return 4 * (inputs + self.param_count() + _prod(self.output_shape()))
+        inputs = _prod(self.input_shape) * (2 if self.op is OpKind.ADD else 1)
+        outputs = _prod(self.output_shape()) * (2 if self.residual else 1)  # + the add operand
+        return 4 * (inputs + self.param_count() + outputs)
 
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
@@ -219,12 +221,6 @@ class LayerSpec:
                 raise InvalidConfigError(
                     f"in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
                     f"must both be divisible by groups ({self.groups})"
-                )
-            if self.residual and self.output_shape() != self.input_shape:
-                raise InvalidConfigError(
-                    f"residual needs output shape == input shape; {list(self.input_shape)} -> "
-                    f"{list(self.output_shape())}: use stride 1, same padding and "
-                    f"out_channels == in_channels"
                 )
         elif self.groups != 1:
             raise InvalidConfigError(f"groups applies to conv2d only, got {self.groups}")

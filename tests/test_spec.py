@@ -40,8 +40,8 @@ def test_depthwise_and_roundtrip_through_proto() -> None:
         ({"op": "softmax", "input_shape": (1, 3, 8, 8)}, "unknown op kind"),
         ({"op": "conv2d", "input_shape": (1, 3, 8, 8), "out_channels": 3, "activation": "gelu"},
          "unknown activation"),
-        ({"op": "conv2d", "input_shape": (1, 8, 8, 8), "out_channels": 8, "stride": 2,
-          "residual": True}, "residual needs output shape"),
+        ({"op": "linear", "input_shape": (1, 8), "out_channels": 8, "residual": True},
+         "residual applies to conv2d only"),
         ({"op": "linear", "input_shape": (1, 3, 8, 8), "out_channels": 8}, "(N, C)"),
     ],
 )

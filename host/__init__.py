@@ -1,0 +1,1 @@
+"""netadapt host side: the NetAdapt engine, device client and command-line tools."""

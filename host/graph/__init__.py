@@ -1,0 +1,56 @@
+"""The torch side of a network's structure: fusion units as the runtime executes them
+(`units`), prunable channel groups and channel configurations (`groups`), filter pruning
+(`surgery`) and ONNX export (`onnx_export`)."""
+
+from host.graph.groups import (
+    ChannelConfig,
+    ChannelPlanner,
+    PrunableGroup,
+    build_dependency_graph,
+    current_config,
+    find_groups,
+    units_for_config,
+    validate_config,
+)
+from host.graph.onnx_export import check_onnx, export_onnx
+from host.graph.surgery import (
+    Importance,
+    apply_config,
+    filter_importance,
+    make_divisible,
+    prune_group,
+    uniform_width_config,
+)
+from host.graph.units import (
+    INPUT_SOURCE,
+    FusionUnit,
+    UnsupportedLayerError,
+    build_specs,
+    extract_units,
+    unit_specs,
+)
+
+__all__ = [
+    "ChannelConfig",
+    "ChannelPlanner",
+    "FusionUnit",
+    "INPUT_SOURCE",
+    "Importance",
+    "PrunableGroup",
+    "UnsupportedLayerError",
+    "apply_config",
+    "build_dependency_graph",
+    "build_specs",
+    "check_onnx",
+    "current_config",
+    "export_onnx",
+    "extract_units",
+    "filter_importance",
+    "find_groups",
+    "make_divisible",
+    "prune_group",
+    "uniform_width_config",
+    "unit_specs",
+    "units_for_config",
+    "validate_config",
+]

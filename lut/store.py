@@ -1,0 +1,870 @@
+"""The lookup-table store: one SQLite file per LUT, mapping `LayerSpec.key()` to timing stats.
+
+A LUT is valid only for the conditions it was measured under, so those conditions (plus the
+batch size) are its identity: written into the file when it is created, and checked on every
+open. Rows are committed one by one as measurements arrive, so a killed build loses at most the
+row in flight, and several processes may write the same file at once (a busy timeout makes a
+writer wait for another one's commit). A new file is built aside and hard-linked into place, so
+no one ever opens a half-made LUT and concurrent creators cannot collide.
+
+File layout (schema version 1, kept in `PRAGMA user_version`):
+
+    lut_meta(name PRIMARY KEY, value)      format = "netadapt-lut", identity (JSON), created_at
+    lut_rows(kind, key, ...)               PRIMARY KEY (kind, key); kind "unit" by default
+
+Durability: WAL journal with `synchronous=NORMAL`. In WAL mode NORMAL never corrupts the file,
+and a committed row survives any crash of the writing process (SIGKILL, OOM kill, Ctrl-C), which
+is how LUT builds die; only an OS crash or power cut can roll back the last few commits, and the
+builder's resume re-measures exactly the rows that are missing. FULL would add an fsync per row
+for no gain that resume does not already give.
+
+Reading never returns data the store cannot vouch for: random bytes, a truncated file, damaged
+pages (`PRAGMA quick_check`), a foreign SQLite database, a newer schema or other conditions each
+raise an error from `lut.errors` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from device_server.spec import LayerSpec
+from device_server.stats import Conditions, TimingStats
+from lut.errors import (
+    FieldDifference,
+    LutConditionsMismatch,
+    LutCorruptError,
+    LutError,
+    LutNotFoundError,
+    LutSchemaError,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FORMAT_NAME",
+    "DEFAULT_KIND",
+    "LutIdentity",
+    "LutRow",
+    "MergeCounts",
+    "LutStore",
+    "register_migration",
+    "key_of",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # bump together with a `register_migration(SCHEMA_VERSION - 1)` function
+FORMAT_NAME = "netadapt-lut"
+DEFAULT_KIND = "unit"  # one fusion unit; others: "overhead", "reference", "model:<sha>"
+
+_SYNCHRONOUS = "NORMAL"  # see the module docstring for why not FULL
+_DEFAULT_TIMEOUT_S = 30.0  # busy timeout: how long a writer waits for another one's commit
+_PAGE_ROWS = 512  # rows per query page when iterating
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+# -- identity -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LutIdentity:
+    """What a LUT is valid for: the measurement `Conditions` plus the batch size.
+
+    `provider_options` is normalised to sorted (name, value) string pairs, so the order in which
+    options were given does not change the identity.
+    """
+
+    device_fingerprint: str
+    ort_version: str
+    provider: str
+    intra_op_threads: int
+    graph_optimization: str
+    provider_options: tuple[tuple[str, str], ...] = ()
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        options = tuple(sorted((str(k), str(v)) for k, v in self.provider_options))
+        object.__setattr__(self, "provider_options", options)
+        object.__setattr__(self, "intra_op_threads", int(self.intra_op_threads))
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_conditions(cls, conditions: Conditions, batch_size: int = 1) -> LutIdentity:
+        return cls(
+            device_fingerprint=conditions.device_fingerprint,
+            ort_version=conditions.ort_version,
+            provider=conditions.provider,
+            intra_op_threads=conditions.intra_op_threads,
+            graph_optimization=conditions.graph_optimization,
+            provider_options=conditions.provider_options,
+            batch_size=batch_size,
+        )
+
+    @property
+    def conditions(self) -> Conditions:
+        return Conditions(
+            device_fingerprint=self.device_fingerprint,
+            ort_version=self.ort_version,
+            provider=self.provider,
+            intra_op_threads=self.intra_op_threads,
+            graph_optimization=self.graph_optimization,
+            provider_options=self.provider_options,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form; provider options become an object."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["provider_options"] = dict(self.provider_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LutIdentity:
+        """Inverse of `to_dict`.
+
+        Raises:
+            ValueError: a field is missing, unknown or of the wrong type.
+        """
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(d) - {"provider_options", "batch_size"})
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"identity fields missing: {missing}, unknown: {unknown}")
+        options = d.get("provider_options", {})
+        if isinstance(options, dict):
+            pairs = tuple((str(k), str(v)) for k, v in options.items())
+        elif isinstance(options, list | tuple):
+            pairs = tuple((str(p[0]), str(p[1])) for p in options)
+        else:
+            raise ValueError(f"provider_options must be an object, got {options!r}")
+        for name in ("intra_op_threads", "batch_size"):
+            value = d.get(name, 1)
+            if not isinstance(value, int | str) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        return cls(
+            device_fingerprint=str(d["device_fingerprint"]),
+            ort_version=str(d["ort_version"]),
+            provider=str(d["provider"]),
+            intra_op_threads=int(d["intra_op_threads"]),
+            graph_optimization=str(d["graph_optimization"]),
+            provider_options=pairs,
+            batch_size=int(d.get("batch_size", 1)),
+        )
+
+    def differences(self, requested: LutIdentity) -> list[FieldDifference]:
+        """Fields where `requested` differs from this (the table's) identity, in field order."""
+        out = []
+        for f in fields(self):
+            ours, theirs = getattr(self, f.name), getattr(requested, f.name)
+            if ours != theirs:
+                if f.name == "provider_options":
+                    ours, theirs = dict(ours), dict(theirs)
+                out.append(FieldDifference(f.name, ours, theirs))
+        return out
+
+    def describe(self) -> str:
+        threads = self.intra_op_threads or "default"
+        return (
+            f"{self.device_fingerprint} ort {self.ort_version} {self.provider} "
+            f"threads={threads} opt={self.graph_optimization} batch={self.batch_size}"
+        )
+
+
+# -- rows ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LutRow:
+    """One stored measurement. `op`, `label` and `macs` are derived from the key when it is a
+    `LayerSpec` key (None otherwise), for people reading the table or its exports."""
+
+    key: str
+    kind: str
+    timing: TimingStats
+    measured_at: datetime
+    op: str | None = None
+    label: str | None = None
+    macs: int | None = None
+
+    @property
+    def spec(self) -> LayerSpec | None:
+        """The fusion unit this row measured, or None when the key is not a LayerSpec key."""
+        return _parse_key(self.key)
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What `LutStore.merge` did with the rows it was given."""
+
+    new: int = 0
+    skipped: int = 0  # already present and kept
+    replaced: int = 0  # already present and overwritten
+
+
+def key_of(spec_or_key: LayerSpec | str) -> str:
+    """The row key of a spec (its canonical `key()`), or a key given as is."""
+    if isinstance(spec_or_key, LayerSpec):
+        return spec_or_key.key()
+    if isinstance(spec_or_key, str) and spec_or_key:
+        return spec_or_key
+    raise TypeError(f"a LUT key is a LayerSpec or a non-empty str, got {spec_or_key!r}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_key(key: str) -> LayerSpec | None:
+    if not key.startswith("{"):
+        return None
+    try:
+        d = json.loads(key)
+        return LayerSpec.from_dict(d) if isinstance(d, dict) else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _derived(spec: LayerSpec | None) -> tuple[str | None, str | None, int | None]:
+    if spec is None:
+        return None, None, None
+    return spec.op.value, spec.describe(), spec.macs()
+
+
+def _check_kind(kind: str) -> str:
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    return kind
+
+
+def _check_timing(key: str, timing: TimingStats) -> None:
+    if not isinstance(timing, TimingStats):
+        raise TypeError(f"timing for {key} must be TimingStats, got {type(timing).__name__}")
+    values = (
+        timing.median_ms,
+        timing.mean_ms,
+        timing.std_ms,
+        timing.p90_ms,
+        timing.min_ms,
+        timing.max_ms,
+        timing.session_create_ms,
+        *timing.samples_ms,
+    )
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"timing for {key} has negative or non-finite values: {timing}")
+
+
+def _utc_text(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+_COLUMNS = (
+    "kind", "key", "op", "label", "macs",
+    "median_ms", "mean_ms", "std_ms", "p90_ms", "min_ms", "max_ms",
+    "n", "number", "warmup_runs", "session_create_ms", "samples_json", "measured_at",
+)  # fmt: skip
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM lut_rows"
+_UPSERT = (
+    f"INSERT OR REPLACE INTO lut_rows ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+
+_Values = tuple[object, ...]
+
+
+def _row_values(row: LutRow) -> _Values:
+    t = row.timing
+    samples = json.dumps(list(t.samples_ms)) if t.samples_ms else None
+    op, label, macs = _derived(_parse_key(row.key))
+    return (
+        row.kind, row.key, op, label, macs,
+        t.median_ms, t.mean_ms, t.std_ms, t.p90_ms, t.min_ms, t.max_ms,
+        t.samples_count, t.number, t.warmup_runs, t.session_create_ms, samples,
+        _utc_text(row.measured_at),
+    )  # fmt: skip
+
+
+def _row_from_db(r: tuple[Any, ...]) -> LutRow:
+    (kind, key, op, label, macs, median, mean, std, p90, lo, hi, n, number, warmup, create,
+     samples, measured_at) = r  # fmt: skip
+    timing = TimingStats(
+        median_ms=float(median),
+        mean_ms=float(mean),
+        std_ms=float(std),
+        p90_ms=float(p90),
+        min_ms=float(lo),
+        max_ms=float(hi),
+        samples_count=int(n),
+        samples_ms=tuple(json.loads(samples)) if samples else (),
+        number=int(number),
+        warmup_runs=int(warmup),
+        session_create_ms=float(create),
+    )
+    return LutRow(
+        key=str(key),
+        kind=str(kind),
+        timing=timing,
+        measured_at=datetime.fromisoformat(str(measured_at)),
+        op=None if op is None else str(op),
+        label=None if label is None else str(label),
+        macs=None if macs is None else int(macs),
+    )
+
+
+# -- schema and migrations ----------------------------------------------------------------------
+Migration = Callable[[sqlite3.Connection], None]
+_MIGRATIONS: dict[int, Migration] = {}  # from_version -> upgrades a file to from_version + 1
+
+
+def register_migration(from_version: int) -> Callable[[Migration], Migration]:
+    """Registers the function that upgrades a file from `from_version` to `from_version + 1`.
+
+    It runs inside the open transaction (plain `conn.execute`, never `executescript`, which
+    commits); the store sets `user_version` after it. Example for version 2:
+
+        @register_migration(1)
+        def _v1_to_v2(conn: sqlite3.Connection) -> None:
+            conn.execute("ALTER TABLE lut_rows ADD COLUMN energy_mj REAL")
+    """
+
+    def decorate(fn: Migration) -> Migration:
+        if from_version in _MIGRATIONS:
+            raise ValueError(f"a migration from schema {from_version} is already registered")
+        _MIGRATIONS[from_version] = fn
+        return fn
+
+    return decorate
+
+
+# Version 1, frozen: new files are created as version 1 and brought up to SCHEMA_VERSION by the
+# registered migrations, so every file, old or new, goes through the same path.
+_SCHEMA_V1 = (
+    """CREATE TABLE lut_meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE lut_rows (
+        kind              TEXT NOT NULL DEFAULT 'unit',
+        key               TEXT NOT NULL,
+        op                TEXT,
+        label             TEXT,
+        macs              INTEGER,
+        median_ms         REAL NOT NULL CHECK (median_ms >= 0),
+        mean_ms           REAL NOT NULL,
+        std_ms            REAL NOT NULL,
+        p90_ms            REAL NOT NULL,
+        min_ms            REAL NOT NULL,
+        max_ms            REAL NOT NULL,
+        n                 INTEGER NOT NULL,
+        number            INTEGER NOT NULL DEFAULT 1,
+        warmup_runs       INTEGER NOT NULL DEFAULT 0,
+        session_create_ms REAL NOT NULL DEFAULT 0,
+        samples_json      TEXT,
+        measured_at       TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    )""",
+)
+
+
+def _table_names(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+    return [str(r[0]) for r in rows]
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _set_user_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(f"PRAGMA user_version = {int(version)}")  # PRAGMA takes no parameters
+
+
+class _Immediate:
+    """`BEGIN IMMEDIATE ... COMMIT`, rolled back on error. IMMEDIATE takes the write lock up
+    front (waiting up to the busy timeout), so a read-then-write transaction cannot fail with
+    SQLITE_BUSY halfway when another process commits first."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        elif self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+def _upgrade(conn: sqlite3.Connection, source: Path, version: int) -> None:
+    """Runs the registered migrations from `version` to SCHEMA_VERSION (caller holds the lock)."""
+    for v in range(version, SCHEMA_VERSION):
+        migration = _MIGRATIONS.get(v)
+        if migration is None:
+            raise LutSchemaError(
+                f"{source}: no migration from schema {v} to {v + 1} (this netadapt reads "
+                f"schema {SCHEMA_VERSION}); rebuild the LUT or report a bug"
+            )
+        logger.info("upgrading %s from schema %d to %d", source, v, v + 1)
+        migration(conn)
+        _set_user_version(conn, v + 1)
+
+
+# -- file checks --------------------------------------------------------------------------------
+def _check_file_layout(path: Path) -> None:
+    """Rejects files SQLite would read without complaint yet wrongly.
+
+    SQLite reads a file cut short inside its last page as if the missing bytes were zeros, and
+    `quick_check` passes: so a file whose size is not a whole number of pages is refused here.
+    A checkpoint in another process may be growing the file right now, so a bad size is looked
+    at again (three times in 0.15 s) before it is called damaged.
+    """
+    size, page_size = 0, 0
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.05 * attempt)
+        size = path.stat().st_size
+        if size == 0:
+            return
+        with path.open("rb") as f:
+            header = f.read(100)
+        if not _SQLITE_MAGIC.startswith(header[: len(_SQLITE_MAGIC)]):
+            raise LutCorruptError(
+                f"{path} is not a netadapt LUT (not an SQLite file: bad header); it is damaged "
+                f"or something else: rebuild it or restore a backup"
+            )
+        if len(header) == 100:
+            page_size = int.from_bytes(header[16:18], "big")
+            page_size = 65536 if page_size == 1 else page_size
+            valid = 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
+            if valid and size % page_size == 0:
+                return
+    raise LutCorruptError(
+        f"{path} is truncated or damaged ({size} bytes is not a whole number of "
+        f"{page_size or '?'}-byte pages): rebuild it or restore a backup"
+    )
+
+
+def _translate(exc: sqlite3.Error, path: Path, doing: str) -> LutError:
+    """An sqlite3 error met while opening, as the LutError a user can act on."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return LutError(
+            f"{path} stayed locked by another process while {doing} ({exc}); retry, or raise "
+            f"the timeout"
+        )
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FORMAT")):
+        return LutCorruptError(
+            f"{path} is damaged or not a netadapt LUT ({exc}) while {doing}: rebuild it or "
+            f"restore a backup"
+        )
+    return LutError(f"{path}: SQLite error while {doing}: {exc}")
+
+
+# -- the store ----------------------------------------------------------------------------------
+class LutStore:
+    """One LUT file. Create or open with `LutStore.open`; safe to share between threads.
+
+    Lookups by key default to kind "unit". `len(store)` counts rows of every kind.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        identity: LutIdentity,
+        differences: tuple[FieldDifference, ...] = (),
+    ) -> None:
+        """Use `LutStore.open`; this takes an already checked connection."""
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.RLock()
+        self.path = path
+        self.identity = identity  # the table's own identity
+        self.differences = differences  # fields where it differs from the requested one
+        self.schema_version = SCHEMA_VERSION
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        identity: LutIdentity | None = None,
+        *,
+        create: bool = True,
+        allow_mismatch: bool = False,
+        check: bool = True,
+        timeout_s: float = _DEFAULT_TIMEOUT_S,
+    ) -> Self:
+        """Opens the LUT at `path`, creating it (tagged with `identity`) when absent.
+
+        Args:
+            path: the SQLite file.
+            identity: the conditions the caller needs. None accepts whatever the file holds
+                (for tools that only read or export); creating a file needs one.
+            create: create the file when it does not exist.
+            allow_mismatch: open a file of another identity anyway, with a logged warning.
+            check: run `PRAGMA quick_check` (reads the whole file; milliseconds for a LUT).
+            timeout_s: how long to wait for another process's write lock.
+
+        Raises:
+            LutNotFoundError: no file and `create` is False.
+            LutCorruptError: not a LUT, truncated or damaged.
+            LutSchemaError: written by a newer netadapt.
+            LutConditionsMismatch: measured under other conditions (names each field).
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise LutCorruptError(f"{path} is a directory, not a LUT file")
+        if not path.exists():
+            if not create:
+                raise LutNotFoundError(f"{path}: no such LUT; build it first")
+            if identity is None:
+                raise ValueError(f"creating {path} needs an identity (the measurement conditions)")
+            try:
+                _create_file(path, identity)
+            except sqlite3.Error as exc:
+                raise _translate(exc, path, "creating") from exc
+        _check_file_layout(path)
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=rw",  # never creates: _create_file did that
+            uri=True,
+            timeout=timeout_s,
+            isolation_level=None,  # autocommit: each put is its own transaction
+            check_same_thread=False,  # guarded by the store's lock instead
+        )
+        try:
+            table_identity = _prepare(conn, path, check)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, path, "opening") from exc
+        except BaseException:
+            conn.close()
+            raise
+        differences: tuple[FieldDifference, ...] = ()
+        if identity is not None:
+            differences = tuple(table_identity.differences(identity))
+        if differences:
+            error = LutConditionsMismatch(path, list(differences))
+            if not allow_mismatch:
+                conn.close()
+                raise error
+            logger.warning("opening anyway (allow_mismatch): %s", error)
+        logger.debug("opened %s (%s)", path, table_identity.describe())
+        return cls(conn, path, table_identity, differences)
+
+    # -- writing ------------------------------------------------------------------------------
+    def put(
+        self,
+        spec_or_key: LayerSpec | str,
+        timing: TimingStats,
+        kind: str = DEFAULT_KIND,
+        *,
+        measured_at: datetime | None = None,
+    ) -> None:
+        """Stores (or replaces) one row and commits it before returning.
+
+        Raises:
+            ValueError: bad timing values, empty kind, or a spec of another batch size.
+        """
+        row = self._make_row(spec_or_key, timing, kind, measured_at)
+        with self._lock:
+            self._connection().execute(_UPSERT, _row_values(row))
+
+    def put_many(
+        self,
+        items: Iterable[tuple[LayerSpec | str, TimingStats]],
+        kind: str = DEFAULT_KIND,
+        *,
+        measured_at: datetime | None = None,
+    ) -> int:
+        """Stores (or replaces) several rows in one transaction; returns how many."""
+        values = [_row_values(self._make_row(s, t, kind, measured_at)) for s, t in items]
+        with self._lock, _Immediate(self._connection()) as conn:
+            conn.executemany(_UPSERT, values)
+        return len(values)
+
+    def merge(self, rows: Iterable[LutRow], *, overwrite: bool = False) -> MergeCounts:
+        """Adds rows from elsewhere (an import) in one transaction, keeping their kind and
+        timestamp. Rows already present are kept unless `overwrite`."""
+        incoming = list(rows)
+        for row in incoming:
+            _check_kind(row.kind)
+            _check_timing(row.key, row.timing)
+        new = skipped = replaced = 0
+        with self._lock, _Immediate(self._connection()) as conn:
+            present = {(str(k), str(key)) for k, key in conn.execute(
+                "SELECT kind, key FROM lut_rows")}  # fmt: skip
+            to_write = []
+            for row in incoming:
+                ident = (row.kind, row.key)
+                if ident in present:
+                    if not overwrite:
+                        skipped += 1
+                        continue
+                    replaced += 1
+                else:
+                    new += 1
+                    present.add(ident)
+                to_write.append(_row_values(row))
+            conn.executemany(_UPSERT, to_write)
+        return MergeCounts(new=new, skipped=skipped, replaced=replaced)
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, spec_or_key: LayerSpec | str, kind: str = DEFAULT_KIND) -> TimingStats | None:
+        row = self.get_row(spec_or_key, kind)
+        return None if row is None else row.timing
+
+    def get_row(self, spec_or_key: LayerSpec | str, kind: str = DEFAULT_KIND) -> LutRow | None:
+        with self._lock:
+            r = (
+                self._connection()
+                .execute(f"{_SELECT} WHERE kind = ? AND key = ?", (kind, key_of(spec_or_key)))
+                .fetchone()
+            )
+        return None if r is None else _row_from_db(r)
+
+    def __contains__(self, spec_or_key: object) -> bool:
+        if not isinstance(spec_or_key, LayerSpec | str):
+            return False
+        with self._lock:
+            r = (
+                self._connection()
+                .execute(
+                    "SELECT 1 FROM lut_rows WHERE kind = ? AND key = ?",
+                    (DEFAULT_KIND, key_of(spec_or_key)),
+                )
+                .fetchone()
+            )
+        return r is not None
+
+    def keys(self, kind: str = DEFAULT_KIND) -> set[str]:
+        with self._lock:
+            rows = self._connection().execute("SELECT key FROM lut_rows WHERE kind = ?", (kind,))
+            return {str(r[0]) for r in rows}
+
+    def missing(self, keys: Iterable[LayerSpec | str], kind: str = DEFAULT_KIND) -> list[str]:
+        """Keys (in the order given, without repeats) that have no row of `kind`: what a
+        resumed build still has to measure."""
+        present = self.keys(kind)
+        out: list[str] = []
+        for key in map(key_of, keys):
+            if key not in present:
+                present.add(key)
+                out.append(key)
+        return out
+
+    def load_medians(self, kind: str = DEFAULT_KIND) -> dict[str, float]:
+        """key -> median_ms of every row of `kind`, for fast in-memory estimates."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT key, median_ms FROM lut_rows WHERE kind = ?", (kind,)
+            )
+            return {str(k): float(m) for k, m in rows}
+
+    def all_rows(self, kind: str | None = None) -> Iterator[LutRow]:
+        """Every row (of `kind`, or of all kinds), ordered by (kind, key).
+
+        Reads page by page with no cursor held between pages, so the caller may write to the
+        store while iterating (rows written meanwhile may or may not appear).
+        """
+        last = ("", "")
+        while True:
+            with self._lock:
+                conn = self._connection()
+                if kind is None:
+                    page = conn.execute(
+                        f"{_SELECT} WHERE (kind, key) > (?, ?) ORDER BY kind, key LIMIT ?",
+                        (*last, _PAGE_ROWS),
+                    ).fetchall()
+                else:
+                    page = conn.execute(
+                        f"{_SELECT} WHERE kind = ? AND key > ? ORDER BY key LIMIT ?",
+                        (kind, last[1], _PAGE_ROWS),
+                    ).fetchall()
+            for r in page:
+                yield _row_from_db(r)
+            if len(page) < _PAGE_ROWS:
+                return
+            last = (str(page[-1][0]), str(page[-1][1]))
+
+    def kinds(self) -> dict[str, int]:
+        """Row count per kind."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT kind, COUNT(*) FROM lut_rows GROUP BY kind ORDER BY kind"
+            )
+            return {str(k): int(n) for k, n in rows}
+
+    def count(self, kind: str | None = None) -> int:
+        with self._lock:
+            conn = self._connection()
+            if kind is None:
+                r = conn.execute("SELECT COUNT(*) FROM lut_rows").fetchone()
+            else:
+                r = conn.execute("SELECT COUNT(*) FROM lut_rows WHERE kind = ?", (kind,)).fetchone()
+            return int(r[0])
+
+    def __len__(self) -> int:
+        return self.count()
+
+    # -- lifetime -----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def close(self) -> None:
+        """Closes the file (the last connection to close folds the WAL back into it)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"LutStore({str(self.path)!r}, {self.identity.describe()!r}, {state})"
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LutError(f"LUT {self.path} is closed")
+        return self._conn
+
+    def _make_row(
+        self,
+        spec_or_key: LayerSpec | str,
+        timing: TimingStats,
+        kind: str,
+        measured_at: datetime | None,
+    ) -> LutRow:
+        key = key_of(spec_or_key)
+        _check_kind(kind)
+        _check_timing(key, timing)
+        spec = spec_or_key if isinstance(spec_or_key, LayerSpec) else _parse_key(key)
+        if spec is not None and spec.input_shape[0] != self.identity.batch_size:
+            raise ValueError(
+                f"{spec.describe()} has batch {spec.input_shape[0]} but this LUT is for batch "
+                f"{self.identity.batch_size}"
+            )
+        return LutRow(key=key, kind=kind, timing=timing, measured_at=measured_at or _now())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, check: bool) -> LutIdentity:
+    """Checks an existing file behind a fresh connection; returns the table's identity."""
+    tables = _table_names(conn)  # the first read: raises NOTADB for random bytes
+    if not tables:
+        raise LutCorruptError(f"{path} is empty, not a LUT: delete it, or pick another path")
+    if "lut_meta" not in tables:
+        raise LutCorruptError(
+            f"{path} is an SQLite database but not a netadapt LUT (no lut_meta table; it has "
+            f"{', '.join(tables)}): pick another path"
+        )
+    if check:
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchmany(5)]
+        if problems != ["ok"]:
+            raise LutCorruptError(
+                f"{path} is damaged ({'; '.join(problems)[:400]}): rebuild it or restore a backup"
+            )
+    # Files are created in WAL mode and it persists; switch only a file someone else changed.
+    mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    if mode != "wal":
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        if mode != "wal":
+            logger.warning("%s: WAL unavailable (got %s); writers will wait longer", path, mode)
+    conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS}")
+
+    version = _user_version(conn)
+    if version > SCHEMA_VERSION:
+        raise LutSchemaError(
+            f"{path} was written by a newer netadapt (schema {version} > {SCHEMA_VERSION}); "
+            f"upgrade netadapt"
+        )
+    if version < 1:
+        raise LutCorruptError(f"{path} has a lut_meta table but no schema version: not a LUT")
+    if version < SCHEMA_VERSION:
+        with _Immediate(conn):
+            _upgrade(conn, path, _user_version(conn))  # re-read: another process may have done it
+
+    meta = dict(conn.execute("SELECT name, value FROM lut_meta").fetchall())
+    if meta.get("format") != FORMAT_NAME:
+        raise LutCorruptError(f"{path}: lut_meta says format {meta.get('format')!r}, not a LUT")
+    try:
+        return LutIdentity.from_dict(json.loads(meta["identity"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LutCorruptError(f"{path}: unreadable identity in lut_meta ({exc})") from exc
+
+
+def _create_file(path: Path, identity: LutIdentity) -> None:
+    """Builds a complete LUT beside `path` and links it into place, unless another process
+    created `path` first.
+
+    Creating in place would let two processes race on a fresh file: switching an empty file to
+    WAL can fail with SQLITE_BUSY without waiting, and an opener could see it half set up. A
+    hard link is atomic and never replaces an existing file, so exactly one creator wins and
+    everyone else opens the winner's file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file header
+            _initialise(conn, tmp, identity)
+        finally:
+            conn.close()  # folds the WAL into the file and removes it
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            logger.debug("%s was created by another process first", path)
+            return
+        except OSError:  # a filesystem without hard links: a tiny race remains
+            if path.exists():
+                return
+            os.replace(tmp, path)
+        logger.info("created LUT %s for %s", path, identity.describe())
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _initialise(conn: sqlite3.Connection, path: Path, identity: LutIdentity) -> None:
+    """Creates the schema in an empty database, as version 1 then migrated to the current."""
+    with _Immediate(conn):
+        for statement in _SCHEMA_V1:
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO lut_meta (name, value) VALUES (?, ?)",
+            [
+                ("format", FORMAT_NAME),
+                ("identity", json.dumps(identity.to_dict(), sort_keys=True)),
+                ("created_at", _utc_text(_now())),
+            ],
+        )
+        _set_user_version(conn, 1)
+        _upgrade(conn, path, 1)

@@ -1,0 +1,1 @@
+"""Test suite for netadapt (host and device sides)."""
