@@ -32,6 +32,7 @@ from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
 from host.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
 from host.daemon import DaemonStartError, start_local_daemon
+from host.devices import TokenFileError, read_token
 from host.table import format_ms, format_table
 
 __all__ = ["main", "InputError"]
@@ -317,13 +318,9 @@ def _read_model(path: str) -> bytes:
 
 def _read_token(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise InputError(f"cannot read token file {path}: {exc.strerror or exc}") from None
-    if not token:
-        raise InputError(f"token file {path} is empty")
-    return token
+        return read_token(path)
+    except TokenFileError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _session(args: argparse.Namespace) -> SessionSpec:

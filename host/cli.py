@@ -1,0 +1,50 @@
+"""`netadapt-host`: the host side's command line.
+
+    netadapt-host lut build|validate|info|export|import …
+
+With no `--device`, commands start a measurement daemon on loopback for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from host.cli_common import EXIT_USAGE, run_command
+from host.lut_cli import add_lut_commands
+
+__all__ = ["main", "build_parser"]
+
+PROG = "netadapt-host"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_lut_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=err or sys.stderr)
+    return run_command(PROG, lambda: int(args.run(args, out)), err, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Options and error handling shared by the `netadapt-host` commands: which model, which
+devices, which session; and the one place exceptions become a one-line message and an exit
+code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from device_server.errors import InvalidConfigError
+from device_server.spec import DEFAULT_PROVIDER, SessionSpec
+from host.client import DeviceError
+from host.daemon import DaemonStartError
+from host.devices import TokenFileError, read_token
+from host.pool import FingerprintMismatch
+
+__all__ = ["CommandError", "EXIT_DEVICE", "EXIT_USAGE", "add_device_options",
+           "add_model_options", "load_network_from_args", "session_from_args",
+           "token_from_args", "run_command", "parse_shape"]
+
+log = logging.getLogger(__name__)
+
+EXIT_DEVICE = 1   # a device, table or run failed
+EXIT_USAGE = 2    # the command line or an input is wrong; nothing was measured
+
+
+class CommandError(Exception):
+    """A user error with a message that says what to change (exit code 2)."""
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        message = f"expected N,C,H,W (e.g. 1,1,28,28), got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if len(dims) != 4 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive sizes N,C,H,W, got {text!r}")
+    return dims
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mobilenet_v1",
+                   help="built-in name (mobilenet_v1, mobilenet_v2, efficientnet_lite0, "
+                        "tiny_cnn) or package.module:factory")
+    p.add_argument("--input-shape", type=parse_shape, default=(1, 1, 28, 28),
+                   help="N,C,H,W (default 1,1,28,28: the built-in MNIST task)")
+    p.add_argument("--num-classes", type=int, default=10)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", action="append", default=[], metavar="HOST:PORT",
+                   help="a measurement daemon; repeat for a pool of alike devices (default: "
+                        "start one on loopback)")
+    p.add_argument("--token-file", help="bearer token for the daemons")
+    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
+    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="execution provider")
+
+
+def token_from_args(args: argparse.Namespace) -> str | None:
+    return read_token(args.token_file) if args.token_file else None
+
+
+def session_from_args(args: argparse.Namespace) -> SessionSpec:
+    if args.threads < 1:
+        raise CommandError("--threads must be >= 1")
+    provider = args.provider
+    if not provider.endswith("ExecutionProvider"):
+        provider = f"{provider}ExecutionProvider"
+    return SessionSpec(provider=provider, intra_op_threads=args.threads)
+
+
+def load_network_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from host.network import load_network  # torch: imported only by commands that need it
+
+    return load_network(args.model, args.input_shape, args.num_classes)
+
+
+def run_command(prog: str, run: Callable[[], int], err: TextIO | None = None,
+                verbose: bool = False) -> int:
+    """Runs a command, turning every failure into one line on stderr and an exit code."""
+    err = err or sys.stderr
+
+    def fail(code: int, message: str) -> int:
+        err.write(f"{prog}: error: {message}\n")
+        return code
+
+    from lut.errors import LutError
+
+    try:
+        return run()
+    except (CommandError, TokenFileError, InvalidConfigError) as exc:
+        return fail(EXIT_USAGE, str(exc))
+    except (DeviceError, FingerprintMismatch, LutError) as exc:
+        return fail(EXIT_DEVICE, str(exc))
+    except DaemonStartError as exc:
+        return fail(EXIT_DEVICE, str(exc).partition("\n")[0])
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        log.info("traceback:", exc_info=True)
+        return fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        return fail(130, "interrupted; everything measured so far is kept")
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: still one line; the traceback with -v
+        log.info("traceback:", exc_info=True)
+        hint = "" if verbose else " (run with -v for the traceback)"
+        return fail(EXIT_DEVICE, f"internal error: {type(exc).__name__}: {exc}{hint}")

@@ -1,0 +1,214 @@
+"""`netadapt-host lut …`: build, validate, inspect, export and import lookup tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TextIO
+
+from device_server.spec import SessionSpec
+from host.cli_common import (
+    CommandError,
+    add_device_options,
+    add_model_options,
+    load_network_from_args,
+    session_from_args,
+    token_from_args,
+)
+from host.devices import open_pool
+from host.lut_validation import calibrate, validate
+from host.pool import DevicePool
+from lut.builder import DriftGuard, build_table, identity_for
+from lut.estimator import LatencyEstimator
+from lut.exchange import export_csv, export_json, import_file
+from lut.keys import plan_keys
+from lut.store import LutStore
+
+__all__ = ["add_lut_commands", "default_lut_path"]
+
+log = logging.getLogger(__name__)
+
+
+def default_lut_path(pool: DevicePool, session: SessionSpec) -> Path:
+    """One file per measurement conditions, under .netadapt/ in the working directory."""
+    resolved = session.with_threads(pool.info.default_threads)
+    provider = resolved.provider.removesuffix("ExecutionProvider").lower()
+    name = (f"lut-{pool.info.fingerprint}-{provider}-t{resolved.intra_op_threads}-"
+            f"ort{pool.info.ort_version}.sqlite")
+    return Path(os.environ.get("NETADAPT_HOME", ".netadapt")) / name
+
+
+def open_store(args: argparse.Namespace, pool: DevicePool, session: SessionSpec,
+               batch_size: int) -> LutStore:
+    path = Path(args.lut) if args.lut else default_lut_path(pool, session)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return LutStore.open(path, identity_for(pool.info, session, batch_size),
+                         allow_mismatch=args.allow_mismatch)
+
+
+def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lut = sub.add_parser("lut", help="lookup tables of measured layer latencies")
+    cmds = lut.add_subparsers(dest="lut_command", required=True)
+
+    b = cmds.add_parser("build", help="measure every unit a network may need")
+    add_model_options(b)
+    add_device_options(b)
+    _add_lut_path(b)
+    b.add_argument("--step", type=int, default=8, help="channel grid step (default 8)")
+    b.add_argument("--calibrate", type=int, default=10,
+                   help="whole-network measurements for the correction (default 10)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--window", type=int, default=DriftGuard.window,
+                   help="keys between drift checks")
+    b.add_argument("--drift-threshold", type=float, default=DriftGuard.threshold)
+    b.set_defaults(run=_build)
+
+    v = cmds.add_parser("validate", help="estimates vs whole-network measurements")
+    add_model_options(v)
+    add_device_options(v)
+    _add_lut_path(v)
+    v.add_argument("--variants", type=int, default=20)
+    v.add_argument("--passes", type=int, default=3, help="interleaved measurement passes")
+    v.add_argument("--calibrate", type=int, default=10)
+    v.add_argument("--step", type=int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(run=_validate)
+
+    i = cmds.add_parser("info", help="what a table holds and what it is valid for")
+    i.add_argument("lut_file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=_info)
+
+    e = cmds.add_parser("export", help="write a table as CSV or JSON (by extension)")
+    e.add_argument("lut_file")
+    e.add_argument("output")
+    e.set_defaults(run=_export)
+
+    m = cmds.add_parser("import", help="merge a CSV/JSON export into a table")
+    m.add_argument("lut_file")
+    m.add_argument("input")
+    m.add_argument("--allow-mismatch", action="store_true")
+    m.set_defaults(run=_import)
+
+
+def _add_lut_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lut", help="table file (default: .netadapt/lut-<device>-….sqlite)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use a table measured under other conditions (with a warning)")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+
+
+def _build(args: argparse.Namespace, out: TextIO) -> int:
+    network = load_network_from_args(args)
+    session = session_from_args(args)
+    plan = plan_keys(network.planner, step=args.step)
+    with open_pool(args.device, token_from_args(args), args.threads) as pool, \
+            open_store(args, pool, session, network.input_shape[0]) as store:
+        report = build_table(store, pool, plan.specs, session, seed=args.seed,
+                             drift=DriftGuard(window=args.window,
+                                              threshold=args.drift_threshold),
+                             progress=not args.json)
+        calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
+                               args.step)
+        result = {
+            "lut": str(store.path),
+            "network": network.name,
+            "entries": plan.entries,
+            "distinct_keys": len(plan),
+            "already_present": report.present,
+            "measured": report.measured,
+            "failed": len(report.failed),
+            "drift_events": report.drift_events,
+            "whole_network_measurements": calibrated,
+            "seconds": round(report.seconds, 1),
+            "devices": [{"address": d.address, "measured": d.measured,
+                         "keys_per_s": round(d.per_second, 1), "lost": d.lost}
+                        for d in report.devices],
+        }
+    if args.json:
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.write(f"{result['lut']}: {network.name} needs {plan.entries} entries, "
+                  f"{len(plan)} distinct keys; {report.present} already there, "
+                  f"{report.measured} measured in {report.seconds:.0f} s"
+                  f"{f', {len(report.failed)} failed' if report.failed else ''}\n")
+        for d in result["devices"]:  # type: ignore[attr-defined]
+            out.write(f"  {d['address']}: {d['measured']} keys, {d['keys_per_s']} keys/s"
+                      f"{'  LOST: ' + d['lost'] if d['lost'] else ''}\n")
+        for event in report.drift_events:
+            out.write(f"  drift: {event}\n")
+    return 1 if report.failed else 0
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    if args.variants < 1:
+        raise CommandError("--variants must be >= 1")
+    network = load_network_from_args(args)
+    session = session_from_args(args)
+    with open_pool(args.device, token_from_args(args), args.threads) as pool, \
+            open_store(args, pool, session, network.input_shape[0]) as store:
+        report = validate(store, pool, network, session, args.variants, args.seed, args.step,
+                          args.passes, args.calibrate)
+        lut_path = str(store.path)
+    data = report.to_dict()
+    data["lut"] = lut_path
+    if args.json:
+        out.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    out.write(f"{'variant':>7} {'estimated ms':>13} {'measured ms':>12} {'error':>8} "
+              f"{'naive sum':>10} {'naive err':>10}\n")
+    for i, r in enumerate(report.rows):
+        out.write(f"{i:>7} {r.estimated_ms:>13.4f} {r.measured_ms:>12.4f} "
+                  f"{r.rel_error:>+8.1%} {r.naive_ms:>10.4f} {r.naive_rel_error:>+10.1%}\n")
+    out.write(
+        f"{network.name}: median |error| {report.median_abs_rel_error:.1%}, "
+        f"max {report.max_abs_rel_error:.1%} over {len(report.rows)} variants "
+        f"(naive sum: {report.naive_median_abs_rel_error:.1%} / "
+        f"{report.naive_max_abs_rel_error:.1%}); correction fitted on "
+        f"{report.calibration_samples} whole networks; {report.keys_fetched} keys measured "
+        f"on demand; table {lut_path}\n")
+    return 0
+
+
+def _info(args: argparse.Namespace, out: TextIO) -> int:
+    with LutStore.open(args.lut_file, create=False) as store:
+        est = LatencyEstimator.from_store(store) if store.count("overhead") else None
+        data = {
+            "lut": str(store.path),
+            "identity": store.identity.to_dict(),
+            "schema_version": store.schema_version,
+            "rows": store.kinds(),
+            "overhead_ms": est.overhead_ms if est else None,
+            "correction": None if est is None else {
+                "c_sum": est.correction.c_sum, "c_units": est.correction.c_units,
+                "samples": est.correction.samples},
+        }
+    if args.json:
+        out.write(json.dumps(data, indent=2) + "\n")
+    else:
+        for k, v in data.items():
+            out.write(f"{k}: {v}\n")
+    return 0
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    with LutStore.open(args.lut_file, create=False) as store:
+        if args.output.endswith(".csv"):
+            n = export_csv(store, args.output)
+        elif args.output.endswith(".json"):
+            n = export_json(store, args.output)
+        else:
+            raise CommandError(f"export to .csv or .json, not {args.output}")
+    out.write(f"wrote {n} rows to {args.output}\n")
+    return 0
+
+
+def _import(args: argparse.Namespace, out: TextIO) -> int:
+    with LutStore.open(args.lut_file, create=False) as store:
+        report = import_file(args.input, store, allow_mismatch=args.allow_mismatch)
+    out.write(report.describe() + "\n")
+    return 0
+

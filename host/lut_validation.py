@@ -1,0 +1,181 @@
+"""Does the table predict what the device measures? Calibration and validation on random pruned
+variants of a network.
+
+`calibrate` measures a few whole variants (seeded apart from validation's) and stores them in
+the table, so the estimator's correction is fitted on them; `validate` draws other variants,
+estimates each from the table (measuring missing units on demand) and measures each whole
+network on the device, in interleaved passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from device_server.spec import LayerSpec, SessionSpec
+from host.network import Network, random_config
+from host.pool import DevicePool
+from host.whole_model import measure_networks
+from lut.builder import BuildReport, ensure_overhead, measure_into
+from lut.calibration import MODEL_KIND, architecture_of, model_row_key
+from lut.estimator import Fetch, LatencyEstimator
+from lut.store import LutStore
+
+__all__ = ["VariantCheck", "ValidationReport", "on_demand", "calibrate", "validate",
+           "CALIBRATION_SEED_OFFSET"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SEED_OFFSET = 1_000_003  # calibration variants never coincide with validation's
+
+
+def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
+              report: BuildReport | None = None) -> Fetch:
+    """A fetch callback for the estimator: measure what the table lacks, store it, return it."""
+    from lut.builder import LUT_POLICY
+
+    def fetch(specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
+        return measure_into(store, pool, specs, session, LUT_POLICY, None, report)
+
+    return fetch
+
+
+def calibrate(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
+              count: int = 10, seed: int = 0, step: int = 8, passes: int = 3) -> int:
+    """Ensures the table holds `count` whole-network measurements of this architecture.
+
+    Returns how many were measured now.
+    """
+    arch = architecture_of(network.specs())
+    have = sum(1 for r in store.all_rows(kind=MODEL_KIND)
+               if architecture_of(_specs_of(r.key)) == arch)
+    need = count - have
+    if need <= 0:
+        return 0
+    rng = random.Random(seed + CALIBRATION_SEED_OFFSET + have)
+    # Keep fractions spread evenly over [0.15, 1], so the fit spans every size the engine
+    # (and validation) will ask about rather than extrapolating; the unpruned network first.
+    fractions = [0.15 + 0.85 * i / max(1, need - 1) for i in range(need)]
+    configs = []
+    if have == 0:
+        configs.append(network.full_config())
+        fractions.pop()
+    seen = {model_row_key(network.specs(c)) for c in configs} | {
+        r.key for r in store.all_rows(kind=MODEL_KIND)}
+    for i in range(len(fractions) * 20):  # small networks have few distinct variants
+        if len(configs) == need:
+            break
+        config = random_config(network.groups, rng, step, keep=fractions[i % len(fractions)])
+        key = model_row_key(network.specs(config))
+        if key not in seen:
+            seen.add(key)
+            configs.append(config)
+    blobs = [network.onnx(c) for c in configs]
+    timings = measure_networks(pool.clients[0], blobs, session, passes)
+    for config, timing in zip(configs, timings, strict=True):
+        store.put(model_row_key(network.specs(config)), timing, kind=MODEL_KIND)
+    log.info("calibration: measured %d whole networks", len(configs))
+    return len(configs)
+
+
+def _specs_of(key: str) -> list[LayerSpec]:
+    from lut.calibration import parse_model_row_key
+
+    return parse_model_row_key(key)
+
+
+@dataclass(frozen=True)
+class VariantCheck:
+    config: dict[int, int]
+    estimated_ms: float
+    naive_ms: float            # plain sum of standalone units, no overhead or correction
+    measured_ms: float         # whole network on the device, median over passes
+    measured_spread: float     # (max - min) / median over passes
+
+    @property
+    def rel_error(self) -> float:
+        return (self.estimated_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def naive_rel_error(self) -> float:
+        return (self.naive_ms - self.measured_ms) / self.measured_ms
+
+    def to_dict(self) -> dict[str, object]:
+        return {"config": {str(k): v for k, v in sorted(self.config.items())},
+                "estimated_ms": self.estimated_ms, "naive_ms": self.naive_ms,
+                "measured_ms": self.measured_ms, "measured_spread": self.measured_spread,
+                "rel_error": self.rel_error, "naive_rel_error": self.naive_rel_error}
+
+
+@dataclass
+class ValidationReport:
+    network: str
+    rows: list[VariantCheck] = field(default_factory=list)
+    calibration_samples: int = 0
+    keys_fetched: int = 0
+    seconds: float = 0.0
+
+    @property
+    def median_abs_rel_error(self) -> float:
+        return statistics.median(abs(r.rel_error) for r in self.rows)
+
+    @property
+    def max_abs_rel_error(self) -> float:
+        return max(abs(r.rel_error) for r in self.rows)
+
+    @property
+    def naive_median_abs_rel_error(self) -> float:
+        return statistics.median(abs(r.naive_rel_error) for r in self.rows)
+
+    @property
+    def naive_max_abs_rel_error(self) -> float:
+        return max(abs(r.naive_rel_error) for r in self.rows)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "network": self.network,
+            "variants": len(self.rows),
+            "median_abs_rel_error": self.median_abs_rel_error,
+            "max_abs_rel_error": self.max_abs_rel_error,
+            "naive_median_abs_rel_error": self.naive_median_abs_rel_error,
+            "naive_max_abs_rel_error": self.naive_max_abs_rel_error,
+            "calibration_samples": self.calibration_samples,
+            "keys_fetched": self.keys_fetched,
+            "seconds": self.seconds,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def validate(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
+             variants: int = 20, seed: int = 0, step: int = 8, passes: int = 3,
+             calibration: int = 10) -> ValidationReport:
+    """Estimates vs whole-network measurements for `variants` random pruned variants."""
+    t0 = time.monotonic()
+    build = BuildReport()
+    fetch = on_demand(store, pool, session, build)
+    ensure_overhead(store, pool, session)
+    calibrate(store, pool, network, session, calibration, seed, step, passes)
+    arch = architecture_of(network.specs())
+    estimator = LatencyEstimator.from_store(store, fetch=fetch, architecture=arch)
+    rng = random.Random(seed)
+    configs = [random_config(network.groups, rng, step) for _ in range(variants)]
+    blobs = [network.onnx(c) for c in configs]
+    timings = measure_networks(pool.clients[0], blobs, session, passes)
+    report = ValidationReport(network.name,
+                              calibration_samples=estimator.correction.samples)
+    for config, timing in zip(configs, timings, strict=True):
+        specs = network.specs(config)
+        report.rows.append(VariantCheck(
+            config=config,
+            estimated_ms=estimator.estimate(specs),
+            naive_ms=estimator.raw_sum(specs),
+            measured_ms=timing.median_ms,
+            measured_spread=(timing.max_ms - timing.min_ms) / timing.median_ms,
+        ))
+    report.keys_fetched = build.measured
+    report.seconds = time.monotonic() - t0
+    return report

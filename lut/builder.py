@@ -1,0 +1,183 @@
+"""Filling a lookup table from a device pool: resume, shuffle, stream, store, guard drift.
+
+Only keys the table lacks are measured (resume is free). They go out in a seeded random order
+(thermal drift then spreads over all layers instead of biasing one) in windows; each row is
+committed the moment it arrives, so a killed build loses at most the measurements in flight.
+After each window a fixed reference layer is re-measured on every device: if it moved more than
+`drift_threshold` from its first value (throttling, another load), the build warns and measures
+that window again once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
+from host.client import DeviceInfo, MeasureFailure, Measurement
+from host.pool import DevicePool, DeviceStats
+from lut.estimator import OVERHEAD_KEY, OVERHEAD_KIND
+from lut.keys import shuffled
+from lut.store import LutIdentity, LutStore
+
+__all__ = ["BuildReport", "DriftGuard", "LUT_POLICY", "REFERENCE_SPEC", "build_table",
+           "identity_for", "measure_into"]
+
+log = logging.getLogger(__name__)
+
+# Per key: >= 3 warm-up calls and 5 ms, then 7 samples of >= 2 ms each. Cheap enough for
+# ~22,000 keys in minutes; the median of 7 is stable to a few percent on a quiet core.
+LUT_POLICY = MeasurePolicy(warmup_runs=3, min_warmup_ms=5.0, repeat=7, min_repeat_ms=2.0)
+REFERENCE_SPEC = LayerSpec.create("conv2d", (1, 32, 28, 28), 32, kernel=3, padding=1,
+                                  batch_norm=True, activation="relu")
+REFERENCE_KIND = "reference"
+
+
+def identity_for(info: DeviceInfo, session: SessionSpec, batch_size: int = 1) -> LutIdentity:
+    """The conditions a table built on this device with this session belongs to."""
+    resolved = session.with_threads(info.default_threads)
+    return LutIdentity(
+        device_fingerprint=info.fingerprint,
+        ort_version=info.ort_version,
+        provider=resolved.provider,
+        intra_op_threads=resolved.intra_op_threads,
+        graph_optimization=resolved.graph_optimization.value,
+        provider_options=resolved.provider_options,
+        batch_size=batch_size,
+    )
+
+
+@dataclass(frozen=True)
+class DriftGuard:
+    window: int = 500               # keys between reference checks
+    threshold: float = 0.10         # relative move of the reference median that counts
+    policy: MeasurePolicy = MeasurePolicy(warmup_runs=5, min_warmup_ms=20, repeat=15,
+                                          min_repeat_ms=5)
+
+
+@dataclass
+class BuildReport:
+    planned: int = 0                # distinct keys asked for
+    present: int = 0                # already in the table (resumed)
+    measured: int = 0               # rows written by this build (re-measures included)
+    failed: list[MeasureFailure] = field(default_factory=list)
+    drift_events: list[str] = field(default_factory=list)
+    remeasured_windows: int = 0
+    requeued: int = 0
+    seconds: float = 0.0
+    devices: list[DeviceStats] = field(default_factory=list)
+
+
+def measure_into(
+    store: LutStore,
+    pool: DevicePool,
+    specs: Sequence[LayerSpec],
+    session: SessionSpec,
+    policy: MeasurePolicy,
+    on_row: Callable[[], None] | None = None,
+    report: BuildReport | None = None,
+) -> dict[LayerSpec, float]:
+    """Measures `specs` on the pool and commits each row as it arrives; returns the medians."""
+    got: dict[LayerSpec, float] = {}
+    rep = report if report is not None else BuildReport()
+
+    def on_result(result: Measurement | MeasureFailure) -> None:
+        if isinstance(result, Measurement):
+            assert result.spec is not None
+            store.put(result.spec, result.timing)
+            got[result.spec] = result.timing.median_ms
+            rep.measured += 1
+        else:
+            rep.failed.append(result)
+            log.warning("could not measure %s: %s %s", result.spec.describe(), result.code,
+                        result.message)
+        if on_row is not None:
+            on_row()
+
+    pool_report = pool.measure(specs, session, policy, on_result)
+    rep.requeued += pool_report.requeued
+    _merge_device_stats(rep, pool_report.devices)
+    return got
+
+
+def _merge_device_stats(report: BuildReport, stats: list[DeviceStats]) -> None:
+    by_address = {d.address: d for d in report.devices}
+    for s in stats:
+        mine = by_address.get(s.address)
+        if mine is None:
+            mine = DeviceStats(s.address)
+            report.devices.append(mine)
+            by_address[s.address] = mine
+        mine.measured += s.measured
+        mine.failed += s.failed
+        mine.busy_s += s.busy_s
+        mine.lost = mine.lost or s.lost
+
+
+def ensure_overhead(store: LutStore, pool: DevicePool, session: SessionSpec) -> float:
+    """The table's per-call overhead row, measured once."""
+    row = store.get(OVERHEAD_KEY, kind=OVERHEAD_KIND)
+    if row is None:
+        timing = pool.clients[0].overhead(session, DriftGuard().policy)
+        store.put(OVERHEAD_KEY, timing, kind=OVERHEAD_KIND)
+        return timing.median_ms
+    return row.median_ms
+
+
+def _reference(pool: DevicePool, session: SessionSpec, policy: MeasurePolicy) -> list[float]:
+    return [c.measure(REFERENCE_SPEC, session, policy).timing.median_ms for c in pool.clients]
+
+
+def build_table(
+    store: LutStore,
+    pool: DevicePool,
+    specs: Sequence[LayerSpec],
+    session: SessionSpec,
+    policy: MeasurePolicy = LUT_POLICY,
+    seed: int = 0,
+    drift: DriftGuard | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Measures every spec the table lacks. Interrupting it keeps every committed row."""
+    from tqdm import tqdm  # host dependency; imported here so `import lut` stays light
+
+    t0 = time.monotonic()
+    distinct = list(dict.fromkeys(specs))
+    missing_keys = set(store.missing([s.key() for s in distinct]))
+    todo = shuffled([s for s in distinct if s.key() in missing_keys], seed)
+    report = BuildReport(planned=len(distinct), present=len(distinct) - len(todo))
+    ensure_overhead(store, pool, session)
+    guard = drift or DriftGuard()
+    bar = tqdm(total=len(todo), unit="key", disable=not progress, dynamic_ncols=True,
+               desc="measuring")
+    try:
+        baseline = _reference(pool, session, guard.policy) if todo else []
+        for start in range(0, len(todo), guard.window):
+            window = todo[start:start + guard.window]
+            measure_into(store, pool, window, session, policy, bar.update, report)
+            moved = _drift(baseline, _reference(pool, session, guard.policy))
+            if moved > guard.threshold:
+                msg = (f"reference layer moved {moved:+.0%} during keys {start}-"
+                       f"{start + len(window)}: re-measuring that window")
+                log.warning(msg)
+                report.drift_events.append(msg)
+                report.remeasured_windows += 1
+                measure_into(store, pool, window, session, policy, None, report)
+                after = _drift(baseline, _reference(pool, session, guard.policy))
+                if after > guard.threshold:
+                    msg = (f"reference still {after:+.0%} off after re-measuring: the device "
+                           f"is throttled or loaded; let it cool down and re-run the build")
+                    log.warning(msg)
+                    report.drift_events.append(msg)
+    finally:
+        bar.close()
+        report.seconds = time.monotonic() - t0
+    return report
+
+
+def _drift(baseline: list[float], now: list[float]) -> float:
+    """The largest relative move of any device's reference median."""
+    return max((abs(n / b - 1) for b, n in zip(baseline, now, strict=True) if b > 0),
+               default=0.0)

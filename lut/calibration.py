@@ -1,0 +1,111 @@
+"""From a sum of standalone unit latencies to a whole-network latency.
+
+A unit timed alone pays what the whole network pays once: the session-run call, and on CPU
+the layout reorders (NCHW <-> blocked NCHWc) around it; the runtime fuses across units inside
+the network; and a unit alone runs with warmer caches. So for a network of N units with
+standalone medians u_i:
+
+    whole ≈ overhead + γ · Σ u_i − a · N
+
+each unit sheds a fixed cost `a` and `γ` scales kernel time. The two coefficients are fitted
+by least squares (on relative error) over a few whole-network measurements stored in the table
+(kind "model"), once when the table is loaded, and then used for every estimate — never refitted
+per query. Measured on MobileNetV1 variants here, adding tensor sizes or weight bytes as
+features fitted the calibration set better but predicted unseen variants worse (the fit chases
+measurement noise), so the model stays at two coefficients. `netadapt-host lut validate` checks
+it on variants it was not fitted on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_server.spec import LayerSpec
+
+__all__ = ["Correction", "CalibrationSample", "fit_correction", "unit_features",
+           "MODEL_KIND", "model_row_key", "parse_model_row_key", "architecture_of"]
+
+log = logging.getLogger(__name__)
+
+MODEL_KIND = "model"   # LUT rows holding whole-network measurements for calibration
+MIN_SAMPLES = 4
+
+
+def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]) -> tuple[float, float]:
+    """(Σ unit ms, unit count) of one network."""
+    return (float(sum(unit_ms)), float(len(specs)))
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    features: tuple[float, float]  # unit_features of the network
+    measured_ms: float            # whole-network median on the device
+    overhead_ms: float
+
+
+@dataclass(frozen=True)
+class Correction:
+    """whole = overhead + c_sum·Σu + c_units·N (see the module docstring)."""
+
+    c_sum: float = 1.0
+    c_units: float = 0.0
+    samples: int = 0              # how many whole-network measurements it was fitted on
+
+    def apply(self, overhead_ms: float, features: tuple[float, float]) -> float:
+        s, n = features
+        return overhead_ms + self.c_sum * s + self.c_units * n
+
+    @property
+    def is_identity(self) -> bool:
+        return self.samples == 0
+
+
+def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
+    """Least-squares fit on relative error (each network weighs the same, small or large).
+
+    With fewer than MIN_SAMPLES measurements, or a degenerate fit, returns the identity
+    correction (a plain sum), and says so in the log.
+    """
+    if len(samples) < MIN_SAMPLES:
+        if samples:
+            log.info("only %d whole-network measurements: estimates are plain sums",
+                     len(samples))
+        return Correction()
+    x = np.array([s.features for s in samples], dtype=np.float64)
+    y = np.array([s.measured_ms - s.overhead_ms for s in samples], dtype=np.float64)
+    weights = 1.0 / np.array([s.measured_ms for s in samples])
+    # With one architecture N is constant and acts as the intercept.
+    coef, *_ = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)
+    if not np.all(np.isfinite(coef)) or coef[0] <= 0:
+        log.warning("calibration fit is degenerate (%s): estimates are plain sums", coef)
+        return Correction()
+    return Correction(float(coef[0]), float(coef[1]), samples=len(samples))
+
+
+def model_row_key(specs: Sequence[LayerSpec]) -> str:
+    """The LUT key of a whole-network measurement: its units' keys, in order."""
+    return json.dumps([json.loads(s.key()) for s in specs], separators=(",", ":"),
+                      sort_keys=True)
+
+
+def parse_model_row_key(key: str) -> list[LayerSpec]:
+    return [LayerSpec.from_dict(d) for d in json.loads(key)]
+
+
+def architecture_of(specs: Sequence[LayerSpec]) -> str:
+    """What stays the same when only channel counts change: the calibration of one network
+    applies to all its pruned variants."""
+    parts = []
+    for s in specs:
+        shape = (s.input_shape[0], *s.input_shape[2:])
+        depthwise = s.groups > 1 and s.groups == s.in_channels
+        parts.append((s.op.value, shape, s.kernel, s.stride, s.padding, s.dilation, depthwise,
+                      s.batch_norm, s.activation.value, s.residual, s.bias))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+

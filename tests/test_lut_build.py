@@ -1,0 +1,244 @@
+"""Building, estimating and validating lookup tables with a real daemon on loopback, real ONNX
+Runtime and real SQLite files."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from device_server.server import RunningServer
+from device_server.spec import LayerSpec, SessionSpec
+from host.cli import main as host_main
+from host.client import DeviceClient, DeviceError
+from host.daemon import start_local_daemon
+from host.network import Network, analyse, random_config
+from host.pool import DevicePool
+from lut.builder import DriftGuard, build_table, identity_for
+from lut.calibration import CalibrationSample, fit_correction
+from lut.estimator import LatencyEstimator, LutMissingKeyError
+from lut.keys import candidate_counts, plan_keys
+from lut.store import LutStore
+from tests.conftest import FAST_POLICY
+
+SESSION = SessionSpec(intra_op_threads=1)
+
+
+class SmallNet(nn.Module):
+    """Conv-BN-ReLU6, a depthwise separable block with a residual add, and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False),
+                                nn.BatchNorm2d(16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.pw(self.dw(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def network() -> Network:
+    torch.manual_seed(0)
+    return analyse("small", SmallNet(), (1, 1, 16, 16))
+
+
+@pytest.fixture()
+def pool(daemon: RunningServer) -> DevicePool:
+    return DevicePool([DeviceClient(daemon.address)])
+
+
+def _store(path: Path, pool: DevicePool) -> LutStore:
+    return LutStore.open(path, identity_for(pool.info, SESSION))
+
+
+def test_candidate_counts_are_the_grid_plus_the_original() -> None:
+    assert candidate_counts(24, 8) == [8, 16, 24]
+    assert candidate_counts(20, 8) == [8, 16, 20]
+    assert candidate_counts(32, 16) == [16, 32]
+
+
+def test_plan_holds_every_spec_the_engine_can_ask_for(network: Network) -> None:
+    plan = plan_keys(network.planner, step=8)
+    assert plan.entries >= len(plan) > 0
+    keys = set(plan.specs)
+    rng = random.Random(3)
+    for _ in range(30):
+        config = {g.id: rng.choice(candidate_counts(g.channels, 8)) for g in network.groups}
+        assert set(network.specs(config)) <= keys
+
+
+def test_build_stores_every_key_and_resumes_for_free(network: Network, pool: DevicePool,
+                                                     tmp_path: Path) -> None:
+    plan = plan_keys(network.planner, step=8)
+    with _store(tmp_path / "t.sqlite", pool) as store:
+        first = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, progress=False)
+        assert first.measured == len(plan) and first.present == 0 and not first.failed
+        assert not store.missing([s.key() for s in plan.specs])
+        again = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, progress=False)
+        assert again.measured == 0 and again.present == len(plan)
+
+
+def test_drift_guard_remeasures_the_window(network: Network, pool: DevicePool,
+                                           tmp_path: Path) -> None:
+    specs = plan_keys(network.planner, step=8).specs[:6]
+    always = DriftGuard(window=3, threshold=-1.0, policy=FAST_POLICY)  # every check "drifts"
+    with _store(tmp_path / "t.sqlite", pool) as store:
+        report = build_table(store, pool, specs, SESSION, FAST_POLICY, drift=always,
+                             progress=False)
+    assert report.remeasured_windows == 2
+    assert report.measured == 2 * len(specs)
+    assert any("re-measuring" in e for e in report.drift_events)
+
+
+def test_killed_daemon_loses_nothing_and_the_build_resumes(network: Network,
+                                                           tmp_path: Path) -> None:
+    specs = list(plan_keys(network.planner, step=8).specs)
+    path = tmp_path / "t.sqlite"
+    stored = 0
+    with start_local_daemon() as victim, DevicePool([victim.client(retries=0)]) as pool:
+        pool.chunk = 2
+        with _store(path, pool) as store:
+            original_put = store.put
+
+            def put_then_kill(*args: object, **kwargs: object) -> None:
+                nonlocal stored
+                original_put(*args, **kwargs)  # type: ignore[arg-type]
+                stored += 1
+                if stored == 5:
+                    victim.process.kill()
+
+            store.put = put_then_kill  # type: ignore[method-assign]
+            with pytest.raises(DeviceError):
+                build_table(store, pool, specs, SESSION, FAST_POLICY, progress=False)
+    with LutStore.open(path) as store:
+        kept = store.count("unit")
+    assert kept >= 4  # every committed row survived the kill
+    with start_local_daemon() as fresh, DevicePool([fresh.client()]) as pool:
+        with _store(path, pool) as store:
+            report = build_table(store, pool, specs, SESSION, FAST_POLICY, progress=False)
+            assert report.present == kept
+            assert report.measured == len(specs) - kept
+            assert store.count("unit") == len(specs)
+
+
+def test_pool_requeues_the_work_of_a_device_that_dies(network: Network, daemon: RunningServer,
+                                                      tmp_path: Path) -> None:
+    specs = list(plan_keys(network.planner, step=8).specs)
+    with start_local_daemon() as victim:
+        pool = DevicePool([victim.client(retries=0), DeviceClient(daemon.address)], chunk=3)
+        seen = 0
+
+        def kill_after_two(_: object) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 2:
+                victim.process.kill()
+
+        report = pool.measure(specs, SESSION, FAST_POLICY, kill_after_two)
+        pool.close()
+    assert seen == len(specs)  # every spec answered once, by one device or the other
+    lost = [d for d in report.devices if d.lost]
+    assert len(lost) == 1 and lost[0].address == victim.address
+    assert sum(d.measured for d in report.devices) == len(specs)
+
+
+def test_estimator_sums_interpolates_and_names_missing_keys(network: Network,
+                                                            pool: DevicePool) -> None:
+    conv = LayerSpec.create("conv2d", (1, 16, 8, 8), 8, kernel=1)
+    medians = {
+        conv.key(): 0.010,
+        LayerSpec.create("conv2d", (1, 16, 8, 8), 24, kernel=1).key(): 0.030,
+    }
+    est = LatencyEstimator(medians, overhead_ms=0.002)
+    assert est.estimate([conv]) == pytest.approx(0.012)
+    mid = LayerSpec.create("conv2d", (1, 16, 8, 8), 16, kernel=1)
+    assert est.unit_ms(mid) == pytest.approx(0.020)  # halfway on the grid
+    assert est.interpolated == 1
+    far = LayerSpec.create("conv2d", (1, 16, 8, 8), 40, kernel=1)
+    with pytest.raises(LutMissingKeyError, match="conv1x1/s1 16->40"):
+        est.unit_ms(far)
+    strict = LatencyEstimator(medians, overhead_ms=0.002, interpolate=False)
+    with pytest.raises(LutMissingKeyError, match="no entry"):
+        strict.unit_ms(mid)
+
+
+def test_on_demand_estimator_measures_only_what_it_needs(network: Network, pool: DevicePool,
+                                                         tmp_path: Path) -> None:
+    from host.lut_validation import on_demand
+    from lut.builder import ensure_overhead
+
+    with _store(tmp_path / "t.sqlite", pool) as store:
+        ensure_overhead(store, pool, SESSION)
+        est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION))
+        specs = network.specs()
+        assert est.estimate(specs) > 0
+        assert est.fetched == len(set(specs)) == store.count("unit")
+        est.estimate(specs)
+        assert est.fetched == len(set(specs))  # cached: nothing measured twice
+
+
+def test_correction_recovers_a_known_relation() -> None:
+    rng = random.Random(0)
+    samples = []
+    for _ in range(8):
+        s = rng.uniform(0.1, 1.0)
+        samples.append(CalibrationSample((s, 20.0), 0.003 + 0.9 * s - 20 * 0.002, 0.003))
+    c = fit_correction(samples)
+    assert c.c_sum == pytest.approx(0.9) and c.c_units == pytest.approx(-0.002)
+    assert fit_correction(samples[:2]).is_identity  # too few to fit
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = host_main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_validate_cli_reports_errors_as_json(daemon: RunningServer, tmp_path: Path) -> None:
+    code, out, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
+                          "--lut", str(tmp_path / "t.sqlite"), "--variants", "3",
+                          "--calibrate", "4", "--passes", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["rows"]) == 3
+    assert 0 <= data["median_abs_rel_error"] <= data["max_abs_rel_error"]
+    assert all(r["measured_ms"] > 0 and r["estimated_ms"] > 0 for r in data["rows"])
+
+
+def test_table_from_other_conditions_is_refused(daemon: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    code, _, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
+                        "--lut", str(path), "--variants", "1", "--calibrate", "0",
+                        "--passes", "1")
+    assert code == 0, err
+    code, _, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
+                        "--lut", str(path), "--variants", "1", "--threads", "2")
+    assert code == 1
+    assert "intra_op_threads" in err and "Traceback" not in err
+
+
+def test_corrupt_table_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    path.write_bytes(b"this is not a lookup table" * 100)
+    code, _, err = _cli("lut", "info", str(path))
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_random_variants_stay_on_the_grid(network: Network) -> None:
+    rng = random.Random(1)
+    for _ in range(20):
+        config = random_config(network.groups, rng, step=8)
+        for g in network.groups:
+            assert config[g.id] in candidate_counts(g.channels, 8)
