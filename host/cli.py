@@ -1,5 +1,6 @@
 """`netadapt-host`: the host side's command line.
 
+    netadapt-host adapt --budget 0.5 [--device HOST:PORT] …
     netadapt-host lut build|validate|info|export|import …
 
 With no `--device`, commands start a measurement daemon on loopback for the run.
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from host.adapt_cli import add_adapt_command
 from host.cli_common import EXIT_USAGE, run_command
 from host.lut_cli import add_lut_commands
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_adapt_command(sub)
     add_lut_commands(sub)
     return parser
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -110,7 +111,7 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
         report = build_table(store, pool, plan.specs, session, seed=args.seed,
                              drift=DriftGuard(window=args.window,
                                               threshold=args.drift_threshold),
-                             progress=not args.json)
+                             progress=sys.stderr.isatty() and not args.json)
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
                                args.step)
         result = {

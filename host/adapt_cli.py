@@ -1,0 +1,196 @@
+"""`netadapt-host adapt`: adapt a pre-trained network to a latency budget measured on a device.
+
+    netadapt-host adapt --device 192.168.1.5:50051 --model mobilenet_v1 --budget 0.5
+
+Without --device a daemon is started on loopback. The base model is the --checkpoint given,
+or (for a data set without one) trained once and cached under .netadapt/cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from host.cli_common import (
+    CommandError,
+    add_device_options,
+    session_from_args,
+    token_from_args,
+)
+from host.devices import open_pool
+from host.engine.config import AdaptConfig, Budget
+from host.engine.netadapt import BudgetUnreachable, NetAdapt, RunExists
+from host.engine.report import uniform_baseline, write_outputs
+from host.lut_cli import open_store
+from host.lut_validation import calibrate, on_demand
+from lut.builder import ensure_overhead
+from lut.calibration import architecture_of
+from lut.estimator import LatencyEstimator
+
+__all__ = ["add_adapt_command"]
+
+log = logging.getLogger(__name__)
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("adapt", help="adapt a network to a latency budget (NetAdapt)")
+    p.add_argument("--model", default="mobilenet_v1",
+                   help="built-in (mobilenet_v1, mobilenet_v2, efficientnet_lite0, tiny_cnn) "
+                        "or package.module:factory")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
+                   metavar="KEY=VALUE", help="constructor argument, e.g. width_mult=0.5")
+    p.add_argument("--data", default="mnist_5k",
+                   help="mnist_5k, digits, an image-folder path or package.module:factory")
+    p.add_argument("--checkpoint", help="state dict of the pre-trained model (else: train one)")
+    p.add_argument("--base-epochs", type=int, default=5, help="epochs when training the base")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, help="fraction of the original's latency")
+    budget.add_argument("--budget-ms", type=float, help="absolute budget on the device")
+    budget.add_argument("--speedup", type=float, help="e.g. 2 for half the latency")
+    d = AdaptConfig(Budget(fraction=0.5))
+    p.add_argument("--initial-reduction", type=float, default=d.initial_reduction)
+    p.add_argument("--decay", type=float, default=d.decay)
+    p.add_argument("--metric", choices=("latency", "macs", "params"), default=d.metric)
+    p.add_argument("--selection", choices=("accuracy", "ratio"), default=d.selection)
+    p.add_argument("--importance", choices=("l2", "l1"), default=d.importance)
+    p.add_argument("--step", type=int, default=d.step, help="channel grid step")
+    p.add_argument("--short-term-steps", type=int, default=d.short_term_steps)
+    p.add_argument("--bn-batches", type=int, default=d.bn_batches)
+    p.add_argument("--long-term-epochs", type=int, default=d.long_term_epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--max-iterations", type=int, default=d.max_iterations)
+    p.add_argument("--workers", type=int, default=d.workers, help="local proposal workers")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calibrate", type=int, default=10,
+                   help="whole networks measured to calibrate the table's estimates")
+    p.add_argument("--workdir", help="run folder (default runs/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in --workdir")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the uniform width-multiplier baseline in the plot")
+    p.add_argument("--lut", help="lookup table file (default .netadapt/lut-<device>-….sqlite)")
+    p.add_argument("--allow-mismatch", action="store_true")
+    p.add_argument("--json", action="store_true", help="print summary.json")
+    add_device_options(p)
+    p.set_defaults(run=_adapt)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Live bars on a terminal; a log (or a JSON report) should not fill with them."""
+    return sys.stderr.isatty() and not args.json
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.budget_ms is not None:
+        return Budget(ms=args.budget_ms)
+    if args.speedup is not None:
+        if args.speedup <= 1:
+            raise CommandError(f"--speedup must be > 1, got {args.speedup}")
+        return Budget(fraction=1 / args.speedup)
+    return Budget(fraction=args.budget if args.budget is not None else 0.5)
+
+
+def _base_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
+    from host.models.registry import build_model_for
+    from host.training import TrainConfig, pretrained_base
+
+    kwargs = dict(args.model_arg)
+    if args.checkpoint:
+        model = build_model_for(args.model, splits.input_shape, splits.num_classes, **kwargs)
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as exc:
+            raise CommandError(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+            raise CommandError(f"checkpoint {args.checkpoint} does not match {args.model}: "
+                               f"{first} {detail}"[:600]) from None
+        return model.eval()
+    cache = Path(os.environ.get("NETADAPT_HOME", ".netadapt")) / "cache"
+    base = pretrained_base(args.model, args.data, cache,
+                           TrainConfig(epochs=args.base_epochs, lr=2e-3, seed=args.seed),
+                           splits=splits, progress=_progress(args), **kwargs)
+    log.info("base model %s: holdout %.4f (%s)", args.model, base.holdout_accuracy,
+             "cached" if base.from_cache else "trained now")
+    return base.model
+
+
+def _adapt(args: argparse.Namespace, out: TextIO) -> int:
+    from host.data import load_dataset
+    from host.network import analyse
+
+    config = AdaptConfig(
+        budget=_budget(args), initial_reduction=args.initial_reduction, decay=args.decay,
+        metric=args.metric, selection=args.selection, importance=args.importance,
+        step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
+        long_term_epochs=args.long_term_epochs, lr=args.lr,
+        max_iterations=args.max_iterations, workers=args.workers, seed=args.seed)
+    session = session_from_args(args)
+    workdir = Path(args.workdir or f"runs/{args.model.replace(':', '_').replace('/', '_')}")
+    if args.resume and args.overwrite:
+        raise CommandError("--resume and --overwrite exclude each other")
+    splits = load_dataset(args.data, seed=0)
+    with open_pool(args.device, token_from_args(args), args.threads) as pool:
+        model = _base_model(args, splits)
+        network = analyse(args.model, model, (1, *splits.input_shape))
+        if args.overwrite and workdir.exists():
+            shutil.rmtree(workdir)
+        with open_store(args, pool, session, 1) as store:
+            ensure_overhead(store, pool, session)
+            calibrate(store, pool, network, session, args.calibrate, args.seed, args.step)
+            estimator = LatencyEstimator.from_store(
+                store, fetch=on_demand(store, pool, session),
+                architecture=architecture_of(network.specs()))
+            engine = NetAdapt(network, splits, estimator, pool, session, config, workdir,
+                              progress=_progress(args))
+            try:
+                result = engine.run(resume=args.resume)
+            except RunExists as exc:
+                raise CommandError(f"{exc} (or --overwrite to replace it)") from None
+            except BudgetUnreachable as exc:
+                raise CommandError(str(exc)) from None
+            except KeyboardInterrupt:
+                raise CommandError(
+                    f"interrupted: {workdir} keeps every completed iteration; continue with "
+                    f"--resume --workdir {workdir}") from None
+            baseline = [] if args.no_baseline else uniform_baseline(network, splits, estimator,
+                                                                    config)
+            summary = write_outputs(workdir, result, engine.final_model, network, config,
+                                    baseline, extra={
+                                        "lut": str(store.path),
+                                        "lut_keys_fetched_on_demand": estimator.fetched,
+                                        "timings_s": engine.timings})
+    if args.json:
+        out.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        out.write(
+            f"{network.name}: {result.original_latency_final_pass_ms:.4f} ms -> "
+            f"{result.final_latency_ms:.4f} ms measured "
+            f"({result.original_latency_final_pass_ms / result.final_latency_ms:.2f}x, budget "
+            f"{result.budget_ms:.4f} ms, estimate {result.estimated_latency_ms:.4f} ms); test "
+            f"accuracy {result.original_accuracy:.4f} -> {result.final_accuracy:.4f}; "
+            f"{result.iterations} iterations in {result.seconds:.0f} s; outputs in {workdir}\n")
+    return 0

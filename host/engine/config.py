@@ -1,0 +1,64 @@
+"""Settings of one adaptation run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["AdaptConfig", "Budget"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The latency budget: absolute milliseconds on the device, or relative to the original
+    network's measured latency (`fraction` 0.5 = half the latency, i.e. a 2x speedup)."""
+
+    ms: float | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ms is None) == (self.fraction is None):
+            raise ValueError("give the budget either in ms or as a fraction of the original")
+        if self.ms is not None and self.ms <= 0:
+            raise ValueError(f"a latency budget must be > 0 ms, got {self.ms}")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(
+                f"a relative budget must be between 0 and 1 (e.g. 0.5 for 2x), got "
+                f"{self.fraction}"
+            )
+
+    def resolve(self, original_ms: float) -> float:
+        return self.ms if self.ms is not None else original_ms * self.fraction  # type: ignore[operator]
+
+    def describe(self) -> str:
+        return f"{self.ms:.4f} ms" if self.ms is not None else f"{self.fraction:.0%} of original"
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    budget: Budget
+    initial_reduction: float = 0.025  # ΔR_0 as a fraction of the original metric (paper)
+    decay: float = 0.96               # ΔR_i = ΔR_0 · decay^i (paper's reference implementation)
+    metric: str = "latency"           # what proposals are sized by: latency | macs | params
+    selection: str = "accuracy"       # best holdout accuracy, or "ratio": accuracy lost per ms
+    importance: str = "l2"            # filter norm: l2 | l1
+    step: int = 8                     # channel grid
+    short_term_steps: int = 50        # fine-tuning iterations per proposal
+    bn_batches: int = 20              # BatchNorm re-estimation batches after surgery
+    long_term_epochs: int = 2         # final fine-tune
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_iterations: int = 300
+    workers: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("latency", "macs", "params"):
+            raise ValueError(f"unknown metric {self.metric!r}; use latency, macs or params")
+        if self.selection not in ("accuracy", "ratio"):
+            raise ValueError(f"unknown selection {self.selection!r}; use accuracy or ratio")
+        if self.importance not in ("l1", "l2"):
+            raise ValueError(f"unknown importance {self.importance!r}; use l2 or l1")
+        if not 0 < self.initial_reduction < 1 or not 0 < self.decay <= 1:
+            raise ValueError("initial reduction must be in (0, 1) and decay in (0, 1]")
+        if self.workers < 1 or self.step < 1 or self.short_term_steps < 0:
+            raise ValueError("workers and step must be >= 1, short-term steps >= 0")

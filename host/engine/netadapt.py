@@ -1,0 +1,372 @@
+"""The NetAdapt loop (Yang et al., ECCV 2018, Algorithm 1).
+
+    while Est(Net_i) > Bud:
+        for each prunable group k:  choose #filters (fewest removed) so that Est drops by ΔR_i;
+                                    prune lowest-norm filters; re-estimate BN; short-term tune
+        Net_{i+1} = the proposal with the best holdout accuracy; ΔR_{i+1} = ΔR_i · decay
+    measure Net on the device; if it misses Bud, tighten the estimate's target and go on
+    long-term fine-tune Net
+
+Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
+so `resume=True` continues from the last one with the same results as an uninterrupted run:
+every random choice is seeded from (seed, iteration, group), and the lookup table keeps every
+timing it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from device_server.spec import SessionSpec
+from host.engine.config import AdaptConfig
+from host.engine.executor import make_executor
+from host.engine.metrics import make_metric
+from host.engine.proposals import (
+    ProposalContext,
+    ProposalResult,
+    choose_proposals,
+)
+from host.graph.onnx_export import export_onnx
+from host.network import Network
+from host.pool import DevicePool
+from host.training import TrainConfig, evaluate, train
+from host.whole_model import measure_networks
+from lut.estimator import LatencyEstimator
+from lut.keys import candidate_counts
+
+__all__ = ["NetAdapt", "AdaptResult", "IterationRecord", "BudgetUnreachable", "RunExists"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "checkpoints/state.pt"
+
+
+class BudgetUnreachable(ValueError):
+    """Pruning every group as far as the grid allows still misses the budget."""
+
+
+class RunExists(ValueError):
+    """The working folder already holds a run and `resume` was not asked for."""
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    group_id: int
+    group_root: str
+    channels: dict[int, int]
+    target_reduction: float
+    metric_value: float
+    estimated_latency_ms: float
+    measured_latency_ms: float | None
+    holdout_accuracy: float
+    accuracy_after_bn: float
+    proposals: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["channels"] = {str(k): v for k, v in sorted(self.channels.items())}
+        return json.dumps(d)
+
+
+@dataclass
+class AdaptResult:
+    workdir: Path
+    original_latency_ms: float          # measured at the start (budget reference)
+    budget_ms: float
+    final_latency_ms: float             # measured at the end, interleaved with the original
+    original_latency_final_pass_ms: float
+    estimated_latency_ms: float
+    original_accuracy: float            # test
+    final_accuracy: float               # test, after long-term fine-tuning
+    original_holdout_accuracy: float
+    final_holdout_accuracy: float
+    iterations: int
+    history: list[IterationRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "original_latency_ms": self.original_latency_ms,
+            "final_latency_ms": self.final_latency_ms,
+            "original_latency_final_pass_ms": self.original_latency_final_pass_ms,
+            "speedup": self.original_latency_final_pass_ms / self.final_latency_ms,
+            "budget_ms": self.budget_ms,
+            "estimated_latency_ms": self.estimated_latency_ms,
+            "original_accuracy": self.original_accuracy,
+            "final_accuracy": self.final_accuracy,
+            "original_holdout_accuracy": self.original_holdout_accuracy,
+            "final_holdout_accuracy": self.final_holdout_accuracy,
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _State:
+    iteration: int
+    model: nn.Module
+    config: dict[int, int]
+    original_latency_ms: float
+    budget_ms: float
+    estimate_target_ms: float          # tightened when the device measures above budget
+    original_holdout_accuracy: float
+    measured: dict[int, float]         # iteration -> measured latency of the network then
+
+
+class NetAdapt:
+    """One adaptation run in `workdir` (see the module docstring)."""
+
+    def __init__(
+        self,
+        network: Network,
+        splits: Any,                      # host.data.DataSplits
+        estimator: LatencyEstimator,
+        pool: DevicePool,
+        session: SessionSpec,
+        config: AdaptConfig,
+        workdir: Path,
+        progress: bool = True,
+        on_iteration: Callable[[IterationRecord], None] | None = None,
+    ) -> None:
+        self.network = network
+        self.splits = splits
+        self.estimator = estimator
+        self.pool = pool
+        self.session = session
+        self.config = config
+        self.workdir = Path(workdir)
+        self.progress = progress
+        self.on_iteration = on_iteration
+        self.metric = make_metric(config.metric, estimator)
+        self.timings = {"lookup_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0,
+                        "measure_s": 0.0}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _estimate(self, config: dict[int, int]) -> float:
+        return self.estimator.estimate(self.network.specs(config))
+
+    def _measure(self, models: list[nn.Module], passes: int = 3) -> list[float]:
+        t0 = time.perf_counter()
+        blobs = [export_onnx(m, self.network.input_shape) for m in models]
+        timings = measure_networks(self.pool.clients[0], blobs, self.session, passes)
+        self.timings["measure_s"] += time.perf_counter() - t0
+        return [t.median_ms for t in timings]
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=1, batch_size=self.config.batch_size, lr=self.config.lr,
+                           seed=self.config.seed)
+
+    def reachable_ms(self) -> float:
+        """The estimate with every group at its smallest count on the grid."""
+        floor = {g.id: candidate_counts(g.channels, self.config.step)[0]
+                 for g in self.network.groups}
+        return self._estimate(floor)
+
+    # -- state ----------------------------------------------------------------------------
+    def _save(self, state: _State) -> None:
+        path = self.workdir / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(dataclasses.asdict(state) | {"model": state.model}, tmp)
+        os.replace(tmp, path)  # a crash leaves the previous checkpoint whole
+        torch.save(state.model, self.workdir / "checkpoints" / f"iter_{state.iteration:03d}.pt")
+
+    def _load(self) -> _State:
+        data = torch.load(self.workdir / STATE_FILE, weights_only=False)
+        return _State(**data)
+
+    def _history_path(self) -> Path:
+        return self.workdir / "history.jsonl"
+
+    def _read_history(self, upto: int) -> list[IterationRecord]:
+        path = self._history_path()
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            d = json.loads(line)
+            if d["iteration"] < upto:
+                d["channels"] = {int(k): v for k, v in d["channels"].items()}
+                records.append(IterationRecord(**d))
+        # Drop lines written after the last checkpoint (an interrupted iteration).
+        path.write_text("".join(r.to_json() + "\n" for r in records))
+        return records
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> AdaptResult:
+        t_start = time.perf_counter()
+        cfg = self.config
+        has_state = (self.workdir / STATE_FILE).exists()
+        if has_state and not resume:
+            raise RunExists(f"{self.workdir} already holds a run: pass --resume to continue it "
+                            f"or choose another --workdir")
+        base = self.network.model
+        if resume and has_state:
+            state = self._load()
+            history = self._read_history(state.iteration)
+            log.info("resuming %s after iteration %d", self.workdir, state.iteration)
+        else:
+            (original_ms,) = self._measure([base])
+            budget = cfg.budget.resolve(original_ms)
+            state = _State(0, base, self.network.full_config(), original_ms, budget, budget,
+                           evaluate(base, self.splits.holdout), {})
+            history = []
+        reachable = self.reachable_ms()
+        if reachable > state.budget_ms:
+            raise BudgetUnreachable(
+                f"the budget {state.budget_ms:.4f} ms cannot be reached: with every prunable "
+                f"layer at its smallest count on the {cfg.step}-channel grid the estimate is "
+                f"{reachable:.4f} ms (original measured {state.original_latency_ms:.4f} ms)"
+            )
+        if not has_state or not resume:  # only a run that can start leaves a folder behind
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._history_path().write_text("")
+            self._save(state)
+        original_metric = self.metric(self.network.specs(self.network.full_config()))
+        ctx = ProposalContext(self.splits.train, self.splits.holdout, self.network.input_shape,
+                              cfg.importance, cfg.short_term_steps, cfg.bn_batches,
+                              self._train_config(), cfg.seed)
+        executor = make_executor(ctx, cfg.workers)
+        try:
+            state = self._loop(state, history, original_metric, executor)
+        finally:
+            executor.close()
+        return self._finish(state, history, t_start)
+
+    def _loop(self, state: _State, history: list[IterationRecord], original_metric: float,
+              executor: Any) -> _State:
+        from tqdm import tqdm
+
+        cfg = self.config
+        while state.iteration < cfg.max_iterations:
+            estimate = self._estimate(state.config)
+            if estimate <= state.estimate_target_ms:
+                (measured,) = self._measure([state.model])
+                state.measured[state.iteration] = measured
+                if history:
+                    history[-1].measured_latency_ms = measured
+                if measured <= state.budget_ms:
+                    log.info("measured %.4f ms <= budget %.4f ms", measured, state.budget_ms)
+                    break
+                # The device disagrees with the table: aim the estimate below this network's
+                # by the measured miss, so the next check needs another pruning step.
+                state.estimate_target_ms = min(state.estimate_target_ms,
+                                               estimate) * state.budget_ms / measured
+                log.info("measured %.4f ms > budget %.4f ms: estimate target now %.4f ms",
+                         measured, state.budget_ms, state.estimate_target_ms)
+                continue
+            i = state.iteration
+            target = cfg.initial_reduction * original_metric * cfg.decay ** i
+            t0 = time.perf_counter()
+            proposals = choose_proposals(self.network.groups, state.config, self.network.specs,
+                                         self.metric, target, cfg.step)
+            lookup_s = time.perf_counter() - t0
+            self.timings["lookup_s"] += lookup_s
+            if not proposals:
+                raise BudgetUnreachable(
+                    f"no layer can be pruned further at iteration {i}; the estimate is "
+                    f"{estimate:.4f} ms against a target of {state.estimate_target_ms:.4f} ms"
+                )
+            bar = tqdm(total=len(proposals), disable=not self.progress, leave=False,
+                       desc=f"iter {i}", unit="proposal", dynamic_ncols=True)
+            best_acc = [0.0]
+            where = f"est {estimate:.3f} ms / budget {state.budget_ms:.3f} ms"
+
+            def done(r: ProposalResult, bar: Any = bar, best_acc: list[float] = best_acc,
+                     where: str = where) -> None:
+                best_acc[0] = max(best_acc[0], r.holdout_accuracy)
+                bar.update(1)
+                bar.set_postfix_str(f"{where}, best acc {best_acc[0]:.3f}")
+
+            t1 = time.perf_counter()
+            results = executor.run(state.model, proposals, i, done)
+            bar.close()
+            current_acc = history[-1].holdout_accuracy if history else \
+                state.original_holdout_accuracy
+            chosen = self._select(results, current_acc)
+            seconds = {
+                "lookup": lookup_s,
+                "surgery": sum(r.surgery_s for r in results),
+                "finetune": sum(r.finetune_s for r in results),
+                "eval": sum(r.eval_s for r in results),
+                "wall": time.perf_counter() - t1 + lookup_s,
+            }
+            for k in ("surgery", "finetune", "eval"):
+                self.timings[f"{k}_s"] += seconds[k]
+            state = _State(i + 1, chosen.model, chosen.proposal.config, state.original_latency_ms,
+                           state.budget_ms, state.estimate_target_ms,
+                           state.original_holdout_accuracy, dict(state.measured))
+            record = IterationRecord(
+                iteration=i, group_id=chosen.proposal.group_id, group_root=chosen.proposal.root,
+                channels=dict(chosen.proposal.config), target_reduction=target,
+                metric_value=chosen.proposal.metric_value,
+                estimated_latency_ms=self._estimate(chosen.proposal.config),
+                measured_latency_ms=None, holdout_accuracy=chosen.holdout_accuracy,
+                accuracy_after_bn=chosen.accuracy_after_bn,
+                proposals=[{"group_id": r.proposal.group_id, "n_keep": r.proposal.n_keep,
+                            "metric_value": r.proposal.metric_value,
+                            "holdout_accuracy": r.holdout_accuracy} for r in results],
+                seconds=seconds,
+            )
+            history.append(record)
+            with self._history_path().open("a") as f:
+                f.write(record.to_json() + "\n")
+            self._save(state)
+            if self.on_iteration is not None:
+                self.on_iteration(record)
+            log.info("iteration %d: group %d -> %d ch, est %.4f ms, holdout %.3f", i,
+                     record.group_id, chosen.proposal.n_keep, record.estimated_latency_ms,
+                     record.holdout_accuracy)
+        return state
+
+    def _select(self, results: list[ProposalResult], current_acc: float) -> ProposalResult:
+        if self.config.selection == "accuracy":
+            # Ties go to the larger cut, then to the lower group id (deterministic).
+            return max(results, key=lambda r: (r.holdout_accuracy, r.proposal.reduction,
+                                               -r.proposal.group_id))
+
+        def ratio(r: ProposalResult) -> float:  # accuracy lost per unit of metric saved
+            return (current_acc - r.holdout_accuracy) / max(r.proposal.reduction, 1e-12)
+
+        return min(results, key=lambda r: (ratio(r), r.proposal.group_id))
+
+    def _finish(self, state: _State, history: list[IterationRecord], t_start: float
+                ) -> AdaptResult:
+        cfg = self.config
+        model = state.model
+        if cfg.long_term_epochs > 0:
+            train(model, self.splits.train, dataclasses.replace(
+                self._train_config(), epochs=cfg.long_term_epochs, lr=cfg.lr / 2),
+                progress=self.progress)
+        original_pass, final_ms = self._measure([self.network.model, model])
+        result = AdaptResult(
+            workdir=self.workdir,
+            original_latency_ms=state.original_latency_ms,
+            budget_ms=state.budget_ms,
+            final_latency_ms=final_ms,
+            original_latency_final_pass_ms=original_pass,
+            estimated_latency_ms=self._estimate(state.config),
+            original_accuracy=evaluate(self.network.model, self.splits.test),
+            final_accuracy=evaluate(model, self.splits.test),
+            original_holdout_accuracy=state.original_holdout_accuracy,
+            final_holdout_accuracy=evaluate(model, self.splits.holdout),
+            iterations=state.iteration,
+            history=history,
+            seconds=time.perf_counter() - t_start,
+        )
+        self.final_model = model
+        self.final_config = state.config
+        return result

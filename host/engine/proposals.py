@@ -1,0 +1,137 @@
+"""One NetAdapt step for one group: how many filters to remove (from the lookup table), and
+what the pruned network is worth (surgery, BatchNorm re-estimation, short-term fine-tune,
+holdout accuracy).
+
+`choose_proposals` is pure and cheap (table look-ups only). `evaluate_proposal` is the expensive
+part and is a top-level function of picklable arguments, so an executor can run it in another
+process; it fixes its own seed and thread count, so where it runs does not change its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from device_server.spec import LayerSpec
+from host.graph.groups import PrunableGroup
+from host.graph.surgery import prune_group
+from host.training import TrainConfig, evaluate, fine_tune, recalibrate_batchnorm
+from lut.keys import candidate_counts
+
+__all__ = ["Proposal", "ProposalResult", "ProposalContext", "choose_proposals",
+           "evaluate_proposal", "proposal_seed"]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    group_id: int
+    root: str
+    n_keep: int
+    config: dict[int, int]        # the whole network's channels if this proposal is taken
+    metric_value: float           # the metric (e.g. estimated ms) after the proposal
+    reduction: float              # metric before - after
+    meets_target: bool
+
+
+@dataclass(frozen=True)
+class ProposalContext:
+    """What every proposal of a run shares (sent to each worker once)."""
+
+    train: Dataset[Any]
+    holdout: Dataset[Any]
+    input_shape: tuple[int, ...]
+    importance: str
+    short_term_steps: int
+    bn_batches: int
+    train_config: TrainConfig
+    seed: int
+
+
+@dataclass
+class ProposalResult:
+    proposal: Proposal
+    model: nn.Module
+    holdout_accuracy: float
+    accuracy_after_bn: float      # before fine-tuning: what BN re-estimation alone recovers
+    surgery_s: float
+    finetune_s: float
+    eval_s: float
+
+
+def choose_proposals(
+    groups: Sequence[PrunableGroup],
+    config: Mapping[int, int],
+    specs_for: Callable[[Mapping[int, int]], Sequence[LayerSpec]],
+    metric: Callable[[Sequence[LayerSpec]], float],
+    target: float,
+    step: int,
+) -> list[Proposal]:
+    """For every group, the fewest filters whose removal cuts the metric by >= `target`.
+
+    Latency is not monotonic in channel count, so counts are tried in order of filters removed
+    and the first that meets the target wins. A group that cannot meet it offers its largest
+    cut instead (flagged `meets_target=False`), used only when no group meets the target.
+    """
+    current = metric(specs_for(config))
+    out: list[Proposal] = []
+    for g in groups:
+        now = config[g.id]
+        best: Proposal | None = None
+        for n_keep in reversed([c for c in candidate_counts(g.channels, step) if c < now]):
+            trial = dict(config)
+            trial[g.id] = n_keep
+            value = metric(specs_for(trial))
+            reduction = current - value
+            if reduction >= target:
+                best = Proposal(g.id, g.root, n_keep, trial, value, reduction, True)
+                break
+            if reduction > 0 and (best is None or reduction > best.reduction):
+                best = Proposal(g.id, g.root, n_keep, trial, value, reduction, False)
+        if best is not None:
+            out.append(best)
+    if any(p.meets_target for p in out):
+        return [p for p in out if p.meets_target]
+    return out
+
+
+def proposal_seed(seed: int, iteration: int, group_id: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{iteration}/{group_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def evaluate_proposal(model: nn.Module, proposal: Proposal, iteration: int,
+                      ctx: ProposalContext) -> ProposalResult:
+    """Prunes a copy of `model`, re-estimates BatchNorm, fine-tunes, and scores it on holdout.
+
+    Runs single-threaded with a seed derived from (run seed, iteration, group), so the result
+    is the same in this process or a worker.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed = proposal_seed(ctx.seed, iteration, proposal.group_id)
+        t0 = time.perf_counter()
+        pruned = prune_group(model, proposal.root, proposal.n_keep, ctx.importance,  # type: ignore[arg-type]
+                             input_shape=ctx.input_shape)
+        recalibrate_batchnorm(pruned, ctx.train, num_batches=ctx.bn_batches, seed=seed)
+        t1 = time.perf_counter()
+        after_bn = evaluate(pruned, ctx.holdout)
+        t2 = time.perf_counter()
+        if ctx.short_term_steps > 0:
+            config = dataclasses.replace(ctx.train_config, seed=seed)
+            fine_tune(pruned, ctx.train, ctx.short_term_steps, config)
+        t3 = time.perf_counter()
+        accuracy = evaluate(pruned, ctx.holdout)
+        t4 = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
+    return ProposalResult(proposal, pruned, accuracy, after_bn, surgery_s=t1 - t0,
+                          finetune_s=t3 - t2, eval_s=(t2 - t1) + (t4 - t3))

@@ -1,0 +1,226 @@
+"""The NetAdapt engine on small networks with the real daemon on loopback: it meets the
+budget as measured on the device, writes its outputs, resumes and parallelises without changing
+results, and refuses what it cannot do with a clear message."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from device_server.server import RunningServer
+from device_server.spec import SessionSpec
+from host.cli import main as host_main
+from host.client import DeviceClient
+from host.data import DataSplits, load_dataset
+from host.engine.config import AdaptConfig, Budget
+from host.engine.netadapt import BudgetUnreachable, IterationRecord, NetAdapt
+from host.engine.proposals import choose_proposals
+from host.engine.report import write_outputs
+from host.lut_validation import calibrate, on_demand
+from host.models.mobilenet_v1 import MobileNetV1
+from host.network import Network, analyse
+from host.pool import DevicePool
+from lut.builder import ensure_overhead, identity_for
+from lut.calibration import architecture_of
+from lut.estimator import LatencyEstimator
+from lut.store import LutIdentity, LutStore
+
+SESSION = SessionSpec(intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def splits() -> DataSplits:
+    full = load_dataset("mnist_5k", seed=0)
+    return DataSplits(Subset(full.train, range(600)), Subset(full.holdout, range(200)),
+                      Subset(full.test, range(200)), full.num_classes, full.input_shape)
+
+
+def _network() -> Network:
+    torch.manual_seed(0)
+    return analyse("mobilenet_v1", MobileNetV1(width_mult=0.25), (1, 1, 28, 28))
+
+
+@pytest.fixture(scope="module")
+def table(daemon: RunningServer, tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[DevicePool, LutStore, LatencyEstimator]:
+    pool = DevicePool([DeviceClient(daemon.address)])
+    store = LutStore.open(tmp_path_factory.mktemp("lut") / "t.sqlite",
+                          identity_for(pool.info, SESSION))
+    ensure_overhead(store, pool, SESSION)
+    net = _network()
+    calibrate(store, pool, net, SESSION, count=5, passes=1)
+    est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
+                                      architecture=architecture_of(net.specs()))
+    return pool, store, est
+
+
+def _config(**kw: object) -> AdaptConfig:
+    base = dict(budget=Budget(fraction=0.6), initial_reduction=0.08, short_term_steps=2,
+                bn_batches=2, long_term_epochs=0, batch_size=32, seed=1)
+    base.update(kw)
+    return AdaptConfig(**base)  # type: ignore[arg-type]
+
+
+def _engine(table: tuple[DevicePool, LutStore, LatencyEstimator], splits: DataSplits,
+            workdir: Path, config: AdaptConfig, **kw: object) -> NetAdapt:
+    pool, _, est = table
+    return NetAdapt(_network(), splits, est, pool, SESSION, config, workdir, progress=False,
+                    **kw)  # type: ignore[arg-type]
+
+
+def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, tmp_path
+                                                                 ) -> None:  # type: ignore[no-untyped-def]
+    engine = _engine(table, splits, tmp_path / "run", _config())
+    result = engine.run()
+    assert result.iterations >= 1
+    assert result.final_latency_ms < result.original_latency_final_pass_ms
+    # The engine stops only once the device measured the network within the budget.
+    measured = [r.measured_latency_ms for r in result.history if r.measured_latency_ms]
+    assert measured and measured[-1] <= result.budget_ms
+    ests = [r.estimated_latency_ms for r in result.history]
+    assert ests == sorted(ests, reverse=True)
+    summary = write_outputs(tmp_path / "run", result, engine.final_model, engine.network,
+                            engine.config, baseline=[])
+    for key in ("original_latency_ms", "final_latency_ms", "budget_ms", "estimated_latency_ms",
+                "original_accuracy", "final_accuracy", "iterations"):
+        assert key in summary
+    run = tmp_path / "run"
+    lines = (run / "history.jsonl").read_text().splitlines()
+    assert len(lines) == result.iterations
+    assert {"iteration", "group_id", "channels", "estimated_latency_ms", "holdout_accuracy",
+            "seconds"} <= set(json.loads(lines[0]))
+    assert (run / "accuracy_vs_latency.png").stat().st_size > 1000
+    assert "NetAdapt run" in (run / "report.md").read_text()
+    loaded = torch.jit.load(str(run / "final_model.pt"))  # no model code needed
+    x = torch.randn(1, 1, 28, 28)
+    expected = engine.final_model(x).detach().numpy()
+    np.testing.assert_allclose(loaded(x).detach().numpy(), expected, atol=1e-4)
+    sess = ort.InferenceSession(str(run / "final_model.onnx"))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def _records(path: Path) -> list[tuple[int, dict[str, int], float]]:
+    out = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        out.append((d["group_id"], d["channels"], d["holdout_accuracy"]))
+    return out
+
+
+def test_resume_gives_the_same_run_as_no_interruption(table, splits, tmp_path
+                                                      ) -> None:  # type: ignore[no-untyped-def]
+    # An unreachable-looking tight budget with a cap on iterations: both runs take exactly
+    # three steps, so the comparison does not depend on measurement noise.
+    config = _config(budget=Budget(ms=1e-3), max_iterations=3)
+    whole = _engine(table, splits, tmp_path / "a", config)
+    whole.reachable_ms = lambda: 0.0  # type: ignore[method-assign]
+    whole.run()
+
+    def interrupt(record: IterationRecord) -> None:
+        if record.iteration == 0:
+            raise KeyboardInterrupt
+
+    first = _engine(table, splits, tmp_path / "b", config, on_iteration=interrupt)
+    first.reachable_ms = lambda: 0.0  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert len(_records(tmp_path / "b" / "history.jsonl")) == 1
+    resumed = _engine(table, splits, tmp_path / "b", config)
+    resumed.reachable_ms = lambda: 0.0  # type: ignore[method-assign]
+    resumed.run(resume=True)
+    assert _records(tmp_path / "a" / "history.jsonl") == _records(tmp_path / "b" / "history.jsonl")
+    for a, b in zip(whole.final_model.state_dict().values(),
+                    resumed.final_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_worker_pool_gives_the_sequential_result(table, splits, tmp_path
+                                                 ) -> None:  # type: ignore[no-untyped-def]
+    config = _config(budget=Budget(ms=1e-3), max_iterations=1)
+    runs = []
+    for workers in (1, 2):
+        engine = _engine(table, splits, tmp_path / f"w{workers}",
+                         _config(budget=config.budget, max_iterations=1, workers=workers))
+        engine.reachable_ms = lambda: 0.0  # type: ignore[method-assign]
+        engine.run()
+        runs.append(json.loads((tmp_path / f"w{workers}" / "history.jsonl").read_text()))
+    assert runs[0]["proposals"] == runs[1]["proposals"]
+    assert runs[0]["channels"] == runs[1]["channels"]
+
+
+def test_unreachable_budget_names_the_best_reachable_and_leaves_nothing(
+    table, splits, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    engine = _engine(table, splits, tmp_path / "run", _config(budget=Budget(ms=1e-4)))
+    with pytest.raises(BudgetUnreachable, match="the estimate is"):
+        engine.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_proposals_take_the_fewest_filters_that_meet_the_target() -> None:
+    from host.graph.groups import PrunableGroup
+
+    g = PrunableGroup(0, "conv", 32, ("conv",), ("conv",), (0,), ())
+    # Latency not monotonic in channels: 24 is slower than 32, 16 is the first real cut.
+    cost = {32: 1.0, 24: 1.2, 16: 0.7, 8: 0.5}
+    picks = choose_proposals([g], {0: 32}, lambda c: [c[0]],  # type: ignore[arg-type,return-value]
+                             lambda specs: cost[specs[0]], target=0.2, step=8)  # type: ignore[index]
+    assert [(p.n_keep, p.meets_target) for p in picks] == [(16, True)]
+    fallback = choose_proposals([g], {0: 32}, lambda c: [c[0]],  # type: ignore[arg-type,return-value]
+                                lambda specs: cost[specs[0]], target=0.9, step=8)  # type: ignore[index]
+    assert [(p.n_keep, p.meets_target) for p in fallback] == [(8, False)]
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    return host_main(list(argv), out=out, err=err), err.getvalue()
+
+
+def test_cli_refuses_a_checkpoint_of_another_model(daemon: RunningServer, tmp_path: Path
+                                                   ) -> None:
+    from host.models.registry import build_model_for
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
+    code, err = _cli("adapt", "--model", "mobilenet_v1", "--data", "digits", "--checkpoint",
+                     str(ckpt), "--device", daemon.address, "--workdir", str(tmp_path / "run"),
+                     "--lut", str(tmp_path / "t.sqlite"))
+    assert code == 2 and "does not match mobilenet_v1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_table_of_another_device(daemon: RunningServer, tmp_path: Path) -> None:
+    from host.models.registry import build_model_for
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
+    other = LutIdentity("0123456789abcdef", ort.__version__, "CPUExecutionProvider", 1,
+                        "enable_all")
+    LutStore.open(tmp_path / "t.sqlite", other).close()
+    code, err = _cli("adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint",
+                     str(ckpt), "--device", daemon.address, "--workdir", str(tmp_path / "run"),
+                     "--lut", str(tmp_path / "t.sqlite"))
+    assert code == 1 and "device_fingerprint" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_unreachable_device_fails_fast_and_writes_nothing(tmp_path: Path) -> None:
+    code, err = _cli("adapt", "--model", "tiny_cnn", "--data", "digits", "--device",
+                     "127.0.0.1:9", "--workdir", str(tmp_path / "run"))
+    assert code == 1 and "127.0.0.1:9" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_random_seeds_are_per_proposal() -> None:
+    from host.engine.proposals import proposal_seed
+
+    seeds = {proposal_seed(0, i, g) for i in range(5) for g in range(5)}
+    assert len(seeds) == 25 and proposal_seed(0, 1, 2) == proposal_seed(0, 1, 2)
