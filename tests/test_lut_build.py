@@ -27,6 +27,8 @@ from lut.store import LutStore
 from tests.conftest import FAST_POLICY
 
 SESSION = SessionSpec(intra_op_threads=1)
+# Counting tests must not depend on this shared machine's drift: no re-measured windows.
+NO_DRIFT = DriftGuard(threshold=float("inf"), policy=FAST_POLICY)
 
 
 class SmallNet(nn.Module):
@@ -83,10 +85,12 @@ def test_build_stores_every_key_and_resumes_for_free(network: Network, pool: Dev
                                                      tmp_path: Path) -> None:
     plan = plan_keys(network.planner, step=8)
     with _store(tmp_path / "t.sqlite", pool) as store:
-        first = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, progress=False)
+        first = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, drift=NO_DRIFT,
+                             progress=False)
         assert first.measured == len(plan) and first.present == 0 and not first.failed
         assert not store.missing([s.key() for s in plan.specs])
-        again = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, progress=False)
+        again = build_table(store, pool, plan.specs, SESSION, FAST_POLICY, drift=NO_DRIFT,
+                             progress=False)
         assert again.measured == 0 and again.present == len(plan)
 
 
@@ -121,13 +125,15 @@ def test_killed_daemon_loses_nothing_and_the_build_resumes(network: Network,
 
             store.put = put_then_kill  # type: ignore[method-assign]
             with pytest.raises(DeviceError):
-                build_table(store, pool, specs, SESSION, FAST_POLICY, progress=False)
+                build_table(store, pool, specs, SESSION, FAST_POLICY, drift=NO_DRIFT,
+                                progress=False)
     with LutStore.open(path) as store:
         kept = store.count("unit")
     assert kept >= 4  # every committed row survived the kill
     with start_local_daemon() as fresh, DevicePool([fresh.client()]) as pool:
         with _store(path, pool) as store:
-            report = build_table(store, pool, specs, SESSION, FAST_POLICY, progress=False)
+            report = build_table(store, pool, specs, SESSION, FAST_POLICY, drift=NO_DRIFT,
+                                progress=False)
             assert report.present == kept
             assert report.measured == len(specs) - kept
             assert store.count("unit") == len(specs)

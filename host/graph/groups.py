@@ -335,23 +335,13 @@ class ChannelPlanner:
 
         Does not validate `config`; see `validate_config`.
         """
-        defaults = self._defaults
         units = self.units
-        out: list[int] = []
         specs: list[LayerSpec] = []
-        for i, (src, _scale, gid, carries, fixed, in_fixed, cache) in enumerate(self._plan):
-            in_c = in_fixed if src == INPUT_SOURCE else out[src]
-            if carries:
-                out_c = in_c
-            elif gid is None:
-                out_c = fixed
-            else:
-                out_c = config.get(gid, defaults[gid])
-            out.append(out_c)
-            key = (in_c, out_c)
+        for i, key in enumerate(self.channels(config)):
+            cache = self._plan[i][6]
             hit = cache.get(key)
             if hit is None:
-                hit = cache[key] = _materialize(units[i], in_c, out_c)
+                hit = cache[key] = _materialize(units[i], *key)
             specs.extend(hit)
         return specs
 
