@@ -1,12 +1,13 @@
 """`make bench-device`: does the daemon measure what ONNX Runtime measures in-process, and what
 does going through gRPC cost?
 
-For the distinct fusion units of a MobileNetV2 (224x224, ImageNet head), each unit is timed
-through a loopback daemon (its own process, `netadapt-device serve`) and in this process with
-the daemon's own timer, in alternating order per unit and over two passes, so drift on this
-shared machine hits both paths alike. Reported: per-unit median ratio (gRPC / in-process),
-the share of units above 0.1 ms that agree within 3%, and the wall time of each path
-(session creation + warm-up + repeats, the gRPC path also paying serialisation and transport).
+For ~50 distinct fusion units of MobileNetV2 (224x224, ImageNet head, widths 1.0 and 0.75),
+each unit is timed through a loopback daemon (its own process, `netadapt-device serve`) and in
+this process with the daemon's own timer, in alternating order per unit and over two passes,
+so drift on this shared machine hits both paths alike. Reported: per-unit median ratio
+(gRPC / in-process), the share of units above 0.1 ms that agree within 3%, and the wall time
+of each path (session creation + warm-up + repeats; the gRPC path also pays serialisation
+and transport).
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ SESSION = SessionSpec(intra_op_threads=1)
 
 
 def mobilenet_v2_units(limit: int) -> list[LayerSpec]:
-    model = build_model("mobilenet_v2", num_classes=1000, in_channels=3, input_size=224)
-    distinct = list(dict.fromkeys(unit_specs(extract_units(model, (1, 3, 224, 224)))))
-    return distinct[:limit]
+    """Distinct units of MobileNetV2 at 224x224, widths 1.0 then 0.75 (one width has only
+    32 distinct units: its blocks repeat)."""
+    specs: list[LayerSpec] = []
+    for width in (1.0, 0.75):
+        model = build_model("mobilenet_v2", num_classes=1000, in_channels=3, input_size=224,
+                            width_mult=width)
+        specs += unit_specs(extract_units(model, (1, 3, 224, 224)))
+    return list(dict.fromkeys(specs))[:limit]
 
 
 def in_process(spec: LayerSpec) -> tuple[float, float]:
