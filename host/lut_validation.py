@@ -21,7 +21,7 @@ from host.network import Network, random_config
 from host.pool import DevicePool
 from host.whole_model import measure_networks
 from lut.builder import BuildReport, ensure_overhead, measure_into
-from lut.calibration import MODEL_KIND, architecture_of, model_row_key
+from lut.calibration import MODEL_KIND, architecture_of, model_row_key, parse_model_row_key
 from lut.estimator import Fetch, LatencyEstimator
 from lut.store import LutStore
 
@@ -52,7 +52,7 @@ def calibrate(store: LutStore, pool: DevicePool, network: Network, session: Sess
     """
     arch = architecture_of(network.specs())
     have = sum(1 for r in store.all_rows(kind=MODEL_KIND)
-               if architecture_of(_specs_of(r.key)) == arch)
+               if architecture_of(parse_model_row_key(r.key)) == arch)
     need = count - have
     if need <= 0:
         return 0
@@ -80,12 +80,6 @@ def calibrate(store: LutStore, pool: DevicePool, network: Network, session: Sess
         store.put(model_row_key(network.specs(config)), timing, kind=MODEL_KIND)
     log.info("calibration: measured %d whole networks", len(configs))
     return len(configs)
-
-
-def _specs_of(key: str) -> list[LayerSpec]:
-    from lut.calibration import parse_model_row_key
-
-    return parse_model_row_key(key)
 
 
 @dataclass(frozen=True)
