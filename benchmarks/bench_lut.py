@@ -40,6 +40,7 @@ NETWORKS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=20)
+    parser.add_argument("--passes", type=int, default=3, help="interleaved whole-model passes")
     parser.add_argument("--skip-build", action="store_true", help="only the prediction part")
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
     parser.add_argument("--workdir", type=Path, default=Path("bench-results/lut"))
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             path = args.workdir / f"{name}_ondemand.sqlite"
             path.unlink(missing_ok=True)  # on-demand from empty: counts the keys needed
             with LutStore.open(path, identity_for(info, SESSION)) as store:
-                rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0)
+                rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0,
+                               passes=args.passes)
                 summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
                 summary["input_shape"] = list(shape)
                 summary["unit_keys_in_table"] = store.count("unit")
