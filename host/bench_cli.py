@@ -30,8 +30,9 @@ from typing import Any, NoReturn, TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
-from host.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
-from host.daemon import DaemonStartError, start_local_daemon
+from host.cli_common import CommandError, run_command
+from host.client import DeviceClient, DeviceInfo, MeasureFailure, Measurement
+from host.daemon import start_local_daemon
 from host.devices import TokenFileError, read_token
 from host.table import format_ms, format_table
 
@@ -47,7 +48,7 @@ _TABLE_HEADERS = ("config", "median ms", "p90 ms", "std ms", "n", "number", "pro
 _TABLE_RIGHT = (False, True, True, True, True, True, False, True)
 
 
-class InputError(Exception):
+class InputError(CommandError):
     """The command line or an input file is wrong; the message says what to fix."""
 
 
@@ -567,35 +568,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         stream=err,
     )
 
-    def fail(code: int, message: str) -> int:
-        err.write(f"{PROG}: error: {message}\n")
-        return code
-
-    try:
+    def run() -> int:
         token = _read_token(args.token_file) if args.token_file else None
         if args.tls_root_cert and not os.path.isfile(args.tls_root_cert):
             raise InputError(f"cannot read --tls-root-cert {args.tls_root_cert}: no such file")
         job = _prepare(args, out, err)
         with _connect(args, token) as (client, address):
             return job(client, address)
-    except InputError as exc:
-        return fail(EXIT_USAGE, str(exc))
-    except InvalidConfigError as exc:
-        return fail(EXIT_USAGE, str(exc))
-    except DeviceError as exc:
-        return fail(EXIT_DEVICE, str(exc))
-    except DaemonStartError as exc:
-        first, _, rest = str(exc).partition("\n")
-        logger.info("local daemon log:\n%s", rest)
-        hint = "" if args.verbose else " (run with -v to see its log)"
-        return fail(EXIT_DEVICE, f"{first.rstrip(':')}{hint}")
-    except KeyboardInterrupt:
-        return fail(130, "interrupted")
-    except BrokenPipeError:  # e.g. piped into `head`
-        return 0
-    except Exception as exc:  # a bug: still one line, the traceback only with -v
-        logger.info("traceback:", exc_info=True)
-        return fail(EXIT_DEVICE, f"internal error: {type(exc).__name__}: {exc}")
+
+    return run_command(PROG, run, err, args.verbose)
 
 
 if __name__ == "__main__":

@@ -97,12 +97,15 @@ def run_command(prog: str, run: Callable[[], int], err: TextIO | None = None,
     except (DeviceError, FingerprintMismatch, LutError) as exc:
         return fail(EXIT_DEVICE, str(exc))
     except DaemonStartError as exc:
-        return fail(EXIT_DEVICE, str(exc).partition("\n")[0])
+        first, _, rest = str(exc).partition("\n")
+        log.info("local daemon log:\n%s", rest)
+        hint = "" if verbose else " (run with -v to see its log)"
+        return fail(EXIT_DEVICE, f"{first.rstrip(':')}{hint}")
     except (ValueError, ImportError, FileNotFoundError) as exc:
         log.info("traceback:", exc_info=True)
         return fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
-        return fail(130, "interrupted; everything measured so far is kept")
+        return fail(130, "interrupted; everything measured or stored so far is kept")
     except BrokenPipeError:
         return 0
     except Exception as exc:  # a bug: still one line; the traceback with -v
