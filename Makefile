@@ -7,7 +7,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
-.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt clean help
+.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale clean help
 
 help:
 	@echo "make run           set up, start a daemon on loopback, adapt MobileNetV1 on MNIST"
@@ -16,13 +16,14 @@ help:
 	@echo "make bench-device  gRPC vs in-process timing of ~50 MobileNetV2 layers"
 	@echo "make bench-lut     full-table build time and estimate-vs-measured error"
 	@echo "make bench-adapt   NetAdapt vs MACs-driven vs uniform width at three budgets"
+	@echo "make bench-scale   one iteration on sequential / local pool / Ray; 1 vs 2 pinned daemons"
 
 # torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[host,dev]"
+	$(BIN)/pip install --quiet -e ".[host,ray,dev]"
 	touch $(STAMP)
 
 protos: $(STAMP)
@@ -53,6 +54,9 @@ bench-lut: $(STAMP) protos
 
 bench-adapt: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_adapt.py --out bench-results/adapt.json
+
+bench-scale: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

@@ -25,6 +25,27 @@ def _read_token(path: str) -> str:
     return token
 
 
+def _cpu_list(text: str) -> set[int]:
+    """'0', '4-7' or '0,2,4-5' -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r} (e.g. 0, 4-7 or 0,2)") \
+            from None
+    return cpus
+
+
+def _pin(cpus: set[int]) -> None:
+    """Before any thread starts, so ONNX Runtime's and gRPC's threads inherit the mask."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, AttributeError) as exc:
+        raise SystemExit(f"netadapt-device: cannot pin to CPUs {sorted(cpus)}: {exc}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netadapt-device", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     s.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind with neither token nor TLS")
+    s.add_argument("--cpus", type=_cpu_list,
+                   help="pin the daemon to these CPUs, e.g. 0 or 4-7 (a phone's big cores)")
     s.add_argument("--threads", type=int, default=1,
                    help="default ONNX Runtime intra-op threads (default 1)")
     s.add_argument("--max-queue", type=int, default=Limits.max_queue_depth)
@@ -54,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print("netadapt-device: --threads must be >= 1", file=sys.stderr)
         return 2
+    if args.cpus:
+        _pin(args.cpus)
     config = ServerConfig(
         host=args.host,
         port=args.port,

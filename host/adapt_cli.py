@@ -28,6 +28,7 @@ from host.cli_common import (
 from host.devices import open_pool
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import BudgetUnreachable, NetAdapt, RunExists
+from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
 from host.lut_cli import open_store
 from host.lut_validation import calibrate, on_demand
@@ -78,6 +79,14 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--max-iterations", type=int, default=d.max_iterations)
     p.add_argument("--workers", type=int, default=d.workers, help="local proposal workers")
+    p.add_argument("--executor", choices=("local", "ray"), default=d.executor,
+                   help="where proposals run: local processes, or Ray tasks (pip install "
+                        "'netadapt[ray]')")
+    p.add_argument("--ray-address",
+                   help="Ray cluster to join, e.g. 10.0.0.2:6379 or auto (default: start Ray "
+                        "on this machine for the run)")
+    p.add_argument("--gpus-per-proposal", type=float, default=d.gpus_per_proposal,
+                   help="GPUs each Ray task reserves and fine-tunes on (e.g. 0.25)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--calibrate", type=int, default=10,
                    help="whole networks measured to calibrate the table's estimates")
@@ -147,7 +156,15 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
         metric=args.metric, selection=args.selection, importance=args.importance,
         step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
         long_term_epochs=args.long_term_epochs, lr=args.lr,
-        max_iterations=args.max_iterations, workers=args.workers, seed=args.seed)
+        max_iterations=args.max_iterations, workers=args.workers, executor=args.executor,
+        ray_address=args.ray_address, gpus_per_proposal=args.gpus_per_proposal, seed=args.seed)
+    if config.executor == "ray":  # before any training or measuring, not at the first iteration
+        from host.engine.ray_executor import RayUnavailable, import_ray
+
+        try:
+            import_ray()
+        except RayUnavailable as exc:
+            raise CommandError(str(exc)) from None
     session = session_from_args(args)
     workdir = Path(args.workdir or f"runs/{args.model.replace(':', '_').replace('/', '_')}")
     if args.resume and args.overwrite:
@@ -170,7 +187,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
                 result = engine.run(resume=args.resume)
             except RunExists as exc:
                 raise CommandError(f"{exc} (or --overwrite to replace it)") from None
-            except BudgetUnreachable as exc:
+            except (BudgetUnreachable, RayClusterUnreachable) as exc:
                 raise CommandError(str(exc)) from None
             except KeyboardInterrupt:
                 raise CommandError(

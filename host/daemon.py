@@ -122,6 +122,7 @@ def start_local_daemon(
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 60.0,
     token: str | None = None,
+    cpus: Sequence[int] = (),
 ) -> LocalDaemon:
     """Starts a daemon on 127.0.0.1 with a free port and waits until it is SERVING.
 
@@ -130,6 +131,7 @@ def start_local_daemon(
         extra_args: more `serve` arguments, passed as given.
         startup_timeout_s: how long to wait for the port file and the SERVING status.
         token: if given, the daemon requires it (written to a private `--token-file`).
+        cpus: pin the daemon to these CPUs (`--cpus`); empty: wherever the OS runs it.
 
     Raises:
         DaemonStartError: the daemon exited or was not SERVING in time; the message carries
@@ -152,6 +154,8 @@ def start_local_daemon(
         "--threads",
         str(threads),
     ]
+    if cpus:
+        cmd += ["--cpus", ",".join(str(c) for c in cpus)]
     if token is not None:
         token_file = workdir / "token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

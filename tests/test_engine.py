@@ -12,67 +12,38 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch.utils.data import Subset
 
 from device_server.server import RunningServer
-from device_server.spec import SessionSpec
 from host.cli import main as host_main
-from host.client import DeviceClient
-from host.data import DataSplits, load_dataset
-from host.engine.config import AdaptConfig, Budget
-from host.engine.netadapt import BudgetUnreachable, IterationRecord, NetAdapt
+from host.data import DataSplits
+from host.engine.config import Budget
+from host.engine.netadapt import BudgetUnreachable, IterationRecord
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
-from host.lut_validation import calibrate, on_demand
-from host.models.mobilenet_v1 import MobileNetV1
-from host.network import Network, analyse
-from host.pool import DevicePool
-from lut.builder import ensure_overhead, identity_for
-from lut.calibration import architecture_of
-from lut.estimator import LatencyEstimator
 from lut.store import LutIdentity, LutStore
-
-SESSION = SessionSpec(intra_op_threads=1)
+from tests.helpers_engine import (
+    Table,
+    small_config,
+    small_engine,
+    small_network,
+    small_splits,
+    small_table,
+)
 
 
 @pytest.fixture(scope="module")
 def splits() -> DataSplits:
-    full = load_dataset("mnist_5k", seed=0)
-    return DataSplits(Subset(full.train, range(600)), Subset(full.holdout, range(200)),
-                      Subset(full.test, range(200)), full.num_classes, full.input_shape)
-
-
-def _network() -> Network:
-    torch.manual_seed(0)
-    return analyse("mobilenet_v1", MobileNetV1(width_mult=0.25), (1, 1, 28, 28))
+    return small_splits()
 
 
 @pytest.fixture(scope="module")
-def table(daemon: RunningServer, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[DevicePool, LutStore, LatencyEstimator]:
-    pool = DevicePool([DeviceClient(daemon.address)])
-    store = LutStore.open(tmp_path_factory.mktemp("lut") / "t.sqlite",
-                          identity_for(pool.info, SESSION))
-    ensure_overhead(store, pool, SESSION)
-    net = _network()
-    calibrate(store, pool, net, SESSION, count=5, passes=1)
-    est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
-                                      architecture=architecture_of(net.specs()))
-    return pool, store, est
+def table(daemon: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Table:
+    return small_table(daemon.address, tmp_path_factory.mktemp("lut") / "t.sqlite")
 
 
-def _config(**kw: object) -> AdaptConfig:
-    base = dict(budget=Budget(fraction=0.6), initial_reduction=0.08, short_term_steps=2,
-                bn_batches=2, long_term_epochs=0, batch_size=32, seed=1)
-    base.update(kw)
-    return AdaptConfig(**base)  # type: ignore[arg-type]
-
-
-def _engine(table: tuple[DevicePool, LutStore, LatencyEstimator], splits: DataSplits,
-            workdir: Path, config: AdaptConfig, **kw: object) -> NetAdapt:
-    pool, _, est = table
-    return NetAdapt(_network(), splits, est, pool, SESSION, config, workdir, progress=False,
-                    **kw)  # type: ignore[arg-type]
+_network = small_network
+_config = small_config
+_engine = small_engine
 
 
 def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, tmp_path

@@ -48,7 +48,10 @@ class AdaptConfig:
     lr: float = 1e-3
     batch_size: int = 64
     max_iterations: int = 300
-    workers: int = 1
+    workers: int = 1                  # local proposal workers (executor "local")
+    executor: str = "local"           # local (in-process or worker pool) | ray
+    ray_address: str | None = None    # an existing Ray cluster; None starts one on this machine
+    gpus_per_proposal: float = 0.0    # Ray only: a proposal with a GPU fine-tunes on it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,3 +65,7 @@ class AdaptConfig:
             raise ValueError("initial reduction must be in (0, 1) and decay in (0, 1]")
         if self.workers < 1 or self.step < 1 or self.short_term_steps < 0:
             raise ValueError("workers and step must be >= 1, short-term steps >= 0")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"unknown executor {self.executor!r}; use local or ray")
+        if self.gpus_per_proposal < 0 or (self.gpus_per_proposal and self.executor != "ray"):
+            raise ValueError("--gpus-per-proposal must be >= 0 and needs --executor ray")

@@ -1,6 +1,7 @@
-"""Where an iteration's proposals run: in this process, or in a local pool of worker
-processes. Proposals are independent and each fixes its own seed and thread count, so both
-give the same results; the pool only gives them sooner."""
+"""Where an iteration's proposals run: in this process, in a local pool of worker processes,
+or as tasks on a Ray cluster (`host.engine.ray_executor`). Proposals are independent and each
+fixes its own seed and thread count, so every executor gives the same results; the others only
+give them sooner."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from torch import nn
 
+from host.engine.config import AdaptConfig
 from host.engine.proposals import Proposal, ProposalContext, ProposalResult, evaluate_proposal
 
 __all__ = ["Executor", "SequentialExecutor", "LocalPoolExecutor", "make_executor"]
@@ -30,6 +32,9 @@ def _run_in_worker(model: nn.Module, proposal: Proposal, iteration: int) -> Prop
 
 
 class Executor:
+    """Runs one iteration's proposals; returns their results in proposal order, calling
+    `on_done` (progress) as each finishes, in whatever order they finish."""
+
     def run(self, model: nn.Module, proposals: Sequence[Proposal], iteration: int,
             on_done: OnDone | None = None) -> list[ProposalResult]:
         raise NotImplementedError
@@ -80,5 +85,17 @@ class LocalPoolExecutor(Executor):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_executor(ctx: ProposalContext, workers: int) -> Executor:
-    return SequentialExecutor(ctx) if workers <= 1 else LocalPoolExecutor(ctx, workers)
+def make_executor(ctx: ProposalContext, config: AdaptConfig) -> Executor:
+    """The executor `config` asks for.
+
+    Raises:
+        RayUnavailable: `executor="ray"` without Ray installed (the message says how).
+    """
+    if config.executor == "ray":
+        from host.engine.ray_executor import RayExecutor
+
+        return RayExecutor(ctx, address=config.ray_address,
+                           gpus_per_proposal=config.gpus_per_proposal)
+    if config.workers <= 1:
+        return SequentialExecutor(ctx)
+    return LocalPoolExecutor(ctx, config.workers)

@@ -239,7 +239,7 @@ class NetAdapt:
         ctx = ProposalContext(self.splits.train, self.splits.holdout, self.network.input_shape,
                               cfg.importance, cfg.short_term_steps, cfg.bn_batches,
                               self._train_config(), cfg.seed)
-        executor = make_executor(ctx, cfg.workers)
+        executor = make_executor(ctx, cfg)
         try:
             state = self._loop(state, history, original_metric, executor)
         finally:

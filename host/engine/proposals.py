@@ -108,11 +108,13 @@ def proposal_seed(seed: int, iteration: int, group_id: int) -> int:
 
 
 def evaluate_proposal(model: nn.Module, proposal: Proposal, iteration: int,
-                      ctx: ProposalContext) -> ProposalResult:
+                      ctx: ProposalContext, device: str = "cpu") -> ProposalResult:
     """Prunes a copy of `model`, re-estimates BatchNorm, fine-tunes, and scores it on holdout.
 
     Runs single-threaded with a seed derived from (run seed, iteration, group), so the result
-    is the same in this process or a worker.
+    is the same in this process or a worker. On another `device` (a GPU given to a Ray task)
+    the pruned copy trains there and comes back on the CPU; its numbers then follow that
+    device's arithmetic, not the CPU's bit for bit.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -121,17 +123,19 @@ def evaluate_proposal(model: nn.Module, proposal: Proposal, iteration: int,
         t0 = time.perf_counter()
         pruned = prune_group(model, proposal.root, proposal.n_keep, ctx.importance,  # type: ignore[arg-type]
                              input_shape=ctx.input_shape)
+        pruned.to(device)
         recalibrate_batchnorm(pruned, ctx.train, num_batches=ctx.bn_batches, seed=seed)
         t1 = time.perf_counter()
         after_bn = evaluate(pruned, ctx.holdout)
         t2 = time.perf_counter()
         if ctx.short_term_steps > 0:
-            config = dataclasses.replace(ctx.train_config, seed=seed)
+            config = dataclasses.replace(ctx.train_config, seed=seed, device=device)
             fine_tune(pruned, ctx.train, ctx.short_term_steps, config)
         t3 = time.perf_counter()
         accuracy = evaluate(pruned, ctx.holdout)
         t4 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
+    pruned.cpu()
     return ProposalResult(proposal, pruned, accuracy, after_bn, surgery_s=t1 - t0,
                           finetune_s=t3 - t2, eval_s=(t2 - t1) + (t4 - t3))
