@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 import device_server
 
-__all__ = ["DeviceIdentity", "probe_identity", "read_state"]
+__all__ = ["DeviceIdentity", "StateReader", "probe_identity", "read_state"]
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,53 @@ def probe_identity() -> DeviceIdentity:
     )
 
 
+class StateReader:
+    """Reads the device's state cheaply enough to do after every measurement: the files to
+    read are found once, then each read is a handful of small /proc and /sys reads.
+
+    Keys: `loadavg` ("1m 5m 15m"), `freq_mhz.cpuN`, `temp_c.<zone type>`, and on phones and
+    laptops `battery.<supply>.{pct,status,temp_c}` (status: Charging, Discharging, Full...).
+    """
+
+    def __init__(self) -> None:
+        self._freqs = [(p.split("/")[5], p) for p in sorted(
+            glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq"))]
+        self._temps = [(_read(f"{z}/type") or os.path.basename(z), f"{z}/temp")
+                       for z in sorted(glob.glob("/sys/class/thermal/thermal_zone*"))]
+        self._batteries = [(os.path.basename(d), d)
+                           for d in sorted(glob.glob("/sys/class/power_supply/*"))
+                           if _read(f"{d}/type") == "Battery"]
+
+    def read(self) -> dict[str, str]:
+        state: dict[str, str] = {}
+        try:
+            state["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        except OSError:
+            pass
+        for cpu, path in self._freqs:
+            khz = _read(path)
+            if khz.isdigit():
+                state[f"freq_mhz.{cpu}"] = str(int(khz) // 1000)
+        for kind, path in self._temps:
+            temp = _read(path)
+            if temp.lstrip("-").isdigit():
+                state[f"temp_c.{kind}"] = f"{int(temp) / 1000:.1f}"
+        for name, path in self._batteries:
+            if (pct := _read(f"{path}/capacity")).isdigit():
+                state[f"battery.{name}.pct"] = pct
+            if status := _read(f"{path}/status"):
+                state[f"battery.{name}.status"] = status
+            if (temp := _read(f"{path}/temp")).lstrip("-").isdigit():  # tenths of a degree
+                state[f"battery.{name}.temp_c"] = f"{int(temp) / 10:.1f}"
+        return state
+
+
+_reader: StateReader | None = None
+
+
 def read_state() -> dict[str, str]:
-    """Load, per-core frequency and temperatures, as far as the OS lets us read them."""
-    state: dict[str, str] = {}
-    try:
-        state["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        pass
-    for path in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")):
-        cpu = path.split("/")[5]
-        khz = _read(path)
-        if khz.isdigit():
-            state[f"freq_mhz.{cpu}"] = str(int(khz) // 1000)
-    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*")):
-        temp = _read(f"{zone}/temp")
-        kind = _read(f"{zone}/type") or os.path.basename(zone)
-        if temp.lstrip("-").isdigit():
-            state[f"temp_c.{kind}"] = f"{int(temp) / 1000:.1f}"
-    return state
+    """Load, per-core frequency, temperatures and battery, as far as the OS lets us read them."""
+    global _reader
+    if _reader is None:
+        _reader = StateReader()
+    return _reader.read()

@@ -1,31 +1,27 @@
 """The daemon's plain core: turns a validated request into a timing. Knows nothing of gRPC.
 
 Every measurement holds the device queue for its whole duration (session creation included),
-so measurements never overlap; sessions are LRU-cached by (graph, session options).
+so measurements never overlap. ONNX Runtime runs in a worker process (`worker.py`) that keeps
+the sessions, LRU-cached by (graph, session options), and that a crash can take down alone.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
 from device_server.builder import build_identity_model, build_layer_model
-from device_server.errors import (
-    InvalidConfigError,
-    ResourceLimitError,
-    UnavailableProviderError,
-)
+from device_server.device_info import StateReader
+from device_server.errors import ResourceLimitError, UnavailableProviderError
 from device_server.model_store import ModelStore
 from device_server.queue import DeviceQueue
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import Conditions, TimingStats
-from device_server.timer import PreparedSession, TimeBudget, create_session, time_callable
+from device_server.worker import Job, MeasureWorker
 
 __all__ = ["Limits", "Measurer", "Timed"]
 
@@ -43,6 +39,7 @@ class Limits:
     max_model_mib: float = 512.0
     model_cache_mib: float = 1024.0
     session_cache_size: int = 64
+    hang_grace_s: float = 30.0        # beyond a measurement's budget before its worker is killed
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,7 @@ class Timed:
     started_unix_ns: int
     finished_unix_ns: int
     config_hash: str
+    state: dict[str, str] = field(default_factory=dict)  # device state as it ended
 
 
 class Measurer:
@@ -65,10 +63,12 @@ class Measurer:
         self.models = ModelStore(
             int(limits.max_model_mib * 2**20), int(limits.model_cache_mib * 2**20)
         )
-        self._sessions: collections.OrderedDict[tuple[str, ...], PreparedSession] = (
-            collections.OrderedDict()
-        )
-        self._sessions_lock = threading.Lock()
+        self._state = StateReader()
+        self.worker = MeasureWorker(limits.session_cache_size, limits.hang_grace_s)
+
+    def close(self) -> None:
+        """Stops the worker process."""
+        self.worker.close()
 
     # -- public entry points -------------------------------------------------------------
     def measure_layer(
@@ -84,6 +84,7 @@ class Measurer:
             ("layer", spec.key()),
             spec.digest(),
             lambda: build_layer_model(spec).SerializeToString(),
+            spec.describe(),
             session,
             policy,
             deadline,
@@ -101,6 +102,7 @@ class Measurer:
             ("identity",),
             "identity",
             lambda: build_identity_model().SerializeToString(),
+            "the identity graph",
             session,
             policy,
             deadline,
@@ -123,6 +125,7 @@ class Measurer:
             ("model", sha256, shape_key),
             sha256[:16],
             lambda: blob,
+            f"model {sha256[:16]}",
             session,
             policy,
             deadline,
@@ -159,6 +162,7 @@ class Measurer:
         graph_key: tuple[str, ...],
         config_hash: str,
         model_bytes: Callable[[], bytes],
+        what: str,
         session: SessionSpec,
         policy: MeasurePolicy,
         deadline: float | None,
@@ -168,13 +172,11 @@ class Measurer:
         policy.validate()
         resolved = self._resolve_session(session)
         cache_key = (*graph_key, resolved.key())
-        budget = TimeBudget(cap_s=self.limits.max_measure_s, deadline=deadline)
         with self.queue.hold(deadline=deadline, is_active=is_active):
             started = time.time_ns()
-            prepared, created = self._session(cache_key, model_bytes, resolved, input_shapes)
-            timing = time_callable(
-                prepared.run, policy, budget, create_ms=prepared.create_ms if created else 0.0
-            )
+            job = Job(cache_key, resolved, policy, self.limits.max_measure_s,
+                      None if deadline is None else deadline - time.monotonic(), input_shapes)
+            timing = self.worker.measure(job, model_bytes, what)
             finished = time.time_ns()
         conditions = Conditions(
             device_fingerprint=self.fingerprint,
@@ -184,28 +186,4 @@ class Measurer:
             graph_optimization=resolved.graph_optimization.value,
             provider_options=resolved.provider_options,
         )
-        return Timed(timing, conditions, started, finished, config_hash)
-
-    def _session(
-        self,
-        key: tuple[str, ...],
-        model_bytes: Callable[[], bytes],
-        session: SessionSpec,
-        input_shapes: dict[str, tuple[int, ...]] | None,
-    ) -> tuple[PreparedSession, bool]:
-        with self._sessions_lock:
-            cached = self._sessions.get(key)
-            if cached is not None:
-                self._sessions.move_to_end(key)
-                return cached, False
-        try:
-            prepared = create_session(model_bytes(), session, input_shapes)
-        except InvalidConfigError:
-            raise
-        except Exception as exc:
-            raise InvalidConfigError(f"cannot prepare the session: {exc}") from exc
-        with self._sessions_lock:
-            self._sessions[key] = prepared
-            while len(self._sessions) > self.limits.session_cache_size:
-                self._sessions.popitem(last=False)
-        return prepared, True
+        return Timed(timing, conditions, started, finished, config_hash, self._state.read())

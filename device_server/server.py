@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from device_server.auth import TokenAuthInterceptor
-from device_server.device_info import probe_identity
+from device_server.device_info import DeviceIdentity, probe_identity
 from device_server.measurer import Limits, Measurer
 from device_server.service import DeviceService
 from protos import device_pb2 as pb
@@ -72,6 +72,7 @@ class RunningServer:
         self.service.closing = True
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        self.service.measurer.close()
 
 
 def _is_loopback(host: str) -> bool:
@@ -113,6 +114,14 @@ def create_server(config: ServerConfig) -> RunningServer:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     identity = probe_identity()
     measurer = Measurer(identity.fingerprint, config.threads, config.limits)
+    try:
+        return _start(config, identity, measurer)
+    except BaseException:
+        measurer.close()
+        raise
+
+
+def _start(config: ServerConfig, identity: DeviceIdentity, measurer: Measurer) -> RunningServer:
     service = DeviceService(measurer, identity)
     interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
     # Requests beyond the queue cap are refused by the queue itself; the pool just needs to

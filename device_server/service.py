@@ -62,6 +62,7 @@ def _response(request_id: str, timed: Timed) -> pb.MeasureResponse:
         conditions=wire.conditions_to_proto(timed.conditions),
         started_unix_ns=timed.started_unix_ns,
         finished_unix_ns=timed.finished_unix_ns,
+        device_state=timed.state,
     )
 
 

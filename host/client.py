@@ -140,6 +140,7 @@ class Measurement:
     finished_unix_ns: int
     config_hash: str
     model_sha256: str | None = None
+    state: dict[str, str] = field(default_factory=dict)  # device state as it ended
 
     @property
     def latency_ms(self) -> float:
@@ -160,6 +161,7 @@ class Measurement:
             "conditions": conditions,
             "started_unix_ns": self.started_unix_ns,
             "finished_unix_ns": self.finished_unix_ns,
+            "device_state": dict(self.state),
         }
 
 
@@ -657,4 +659,5 @@ def _measurement(
         finished_unix_ns=reply.finished_unix_ns,
         config_hash=reply.config_hash,
         model_sha256=model_sha256,
+        state=dict(reply.device_state),
     )

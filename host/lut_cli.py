@@ -23,6 +23,7 @@ from host.devices import open_pool
 from host.lut_validation import calibrate, validate
 from host.pool import DevicePool
 from lut.builder import DriftGuard, build_table, identity_for
+from lut.device_watch import DeviceWatch, WatchLimits
 from lut.estimator import LatencyEstimator
 from lut.exchange import export_csv, export_json, import_file
 from lut.keys import plan_keys
@@ -65,6 +66,11 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     b.add_argument("--window", type=int, default=DriftGuard.window,
                    help="keys between drift checks")
     b.add_argument("--drift-threshold", type=float, default=DriftGuard.threshold)
+    b.add_argument("--cooldown-s", type=float, default=DriftGuard.cooldown_s,
+                   help="on drift or heat, pause up to this long for the device to cool down "
+                        "before re-measuring (default: do not pause)")
+    b.add_argument("--max-temp-rise", type=float, default=WatchLimits.max_temp_rise_c,
+                   help="°C above a zone's first reading that counts as too hot")
     b.set_defaults(run=_build)
 
     v = cmds.add_parser("validate", help="estimates vs whole-network measurements")
@@ -110,7 +116,11 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
             open_store(args, pool, session, network.input_shape[0]) as store:
         report = build_table(store, pool, plan.specs, session, seed=args.seed,
                              drift=DriftGuard(window=args.window,
-                                              threshold=args.drift_threshold),
+                                              threshold=args.drift_threshold,
+                                              cooldown_s=args.cooldown_s),
+                             watch=DeviceWatch(WatchLimits(max_temp_rise_c=args.max_temp_rise),
+                                               threads=session.with_threads(
+                                                   pool.info.default_threads).intra_op_threads),
                              progress=sys.stderr.isatty() and not args.json)
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
                                args.step)
@@ -123,6 +133,8 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
             "measured": report.measured,
             "failed": len(report.failed),
             "drift_events": report.drift_events,
+            "device_state_warnings": report.state_warnings,
+            "cooldowns_s": [round(c, 1) for c in report.cooldowns],
             "whole_network_measurements": calibrated,
             "seconds": round(report.seconds, 1),
             "devices": [{"address": d.address, "measured": d.measured,
@@ -141,6 +153,8 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
                       f"{'  LOST: ' + d['lost'] if d['lost'] else ''}\n")
         for event in report.drift_events:
             out.write(f"  drift: {event}\n")
+        for warning in report.state_warnings:
+            out.write(f"  device: {warning}\n")
     return 1 if report.failed else 0
 
 

@@ -5,7 +5,9 @@ Only keys the table lacks are measured (resume is free). They go out in a seeded
 committed the moment it arrives, so a killed build loses at most the measurements in flight.
 After each window a fixed reference layer is re-measured on every device: if it moved more than
 `drift_threshold` from its first value (throttling, another load), the build warns and measures
-that window again once.
+that window again once. The device state that comes back with every measurement is watched too
+(`DeviceWatch`: heat, clock throttling, other load, charger); with `DriftGuard.cooldown_s` the
+build pauses, before re-measuring, until the device is cool and the reference back in line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from host.client import DeviceInfo, MeasureFailure, Measurement
 from host.pool import DevicePool, DeviceStats
+from lut.device_watch import DeviceWatch
 from lut.estimator import OVERHEAD_KEY, OVERHEAD_KIND
 from lut.keys import shuffled
 from lut.store import LutIdentity, LutStore
@@ -56,6 +59,8 @@ class DriftGuard:
     threshold: float = 0.10         # relative move of the reference median that counts
     policy: MeasurePolicy = MeasurePolicy(warmup_runs=5, min_warmup_ms=20, repeat=15,
                                           min_repeat_ms=5)
+    cooldown_s: float = 0.0         # > 0: on drift or heat, pause up to this long before going on
+    poll_s: float = 10.0            # how often a cool-down re-reads the device
 
 
 @dataclass
@@ -68,6 +73,8 @@ class BuildReport:
     remeasured_windows: int = 0
     requeued: int = 0
     seconds: float = 0.0
+    state_warnings: list[str] = field(default_factory=list)  # from the devices' own readings
+    cooldowns: list[float] = field(default_factory=list)     # seconds paused, per cool-down
     devices: list[DeviceStats] = field(default_factory=list)
 
 
@@ -79,6 +86,7 @@ def measure_into(
     policy: MeasurePolicy,
     on_row: Callable[[], None] | None = None,
     report: BuildReport | None = None,
+    watch: DeviceWatch | None = None,
 ) -> dict[LayerSpec, float]:
     """Measures `specs` on the pool and commits each row as it arrives; returns the medians."""
     got: dict[LayerSpec, float] = {}
@@ -90,6 +98,8 @@ def measure_into(
             store.put(result.spec, result.timing)
             got[result.spec] = result.timing.median_ms
             rep.measured += 1
+            if watch is not None:
+                rep.state_warnings.extend(watch.observe(result.state))
         else:
             rep.failed.append(result)
             log.warning("could not measure %s: %s %s", result.spec.describe(), result.code,
@@ -140,6 +150,7 @@ def build_table(
     seed: int = 0,
     drift: DriftGuard | None = None,
     progress: bool = True,
+    watch: DeviceWatch | None = None,
 ) -> BuildReport:
     """Measures every spec the table lacks. Interrupting it keeps every committed row."""
     from tqdm import tqdm  # host dependency; imported here so `import lut` stays light
@@ -151,21 +162,26 @@ def build_table(
     report = BuildReport(planned=len(distinct), present=len(distinct) - len(todo))
     ensure_overhead(store, pool, session)
     guard = drift or DriftGuard()
+    watch = watch or DeviceWatch(threads=session.with_threads(pool.info.default_threads)
+                                 .intra_op_threads)
     bar = tqdm(total=len(todo), unit="key", disable=not progress, dynamic_ncols=True,
                desc="measuring")
     try:
         baseline = _reference(pool, session, guard.policy) if todo else []
         for start in range(0, len(todo), guard.window):
             window = todo[start:start + guard.window]
-            measure_into(store, pool, window, session, policy, bar.update, report)
+            measure_into(store, pool, window, session, policy, bar.update, report, watch)
             moved = _drift(baseline, _reference(pool, session, guard.policy))
+            hot = any(watch.is_hot(c.device_info().state) for c in pool.clients)
+            if (moved > guard.threshold or hot) and guard.cooldown_s > 0:
+                report.cooldowns.append(_cool_down(pool, session, guard, baseline, watch))
             if moved > guard.threshold:
                 msg = (f"reference layer moved {moved:+.0%} during keys {start}-"
                        f"{start + len(window)}: re-measuring that window")
                 log.warning(msg)
                 report.drift_events.append(msg)
                 report.remeasured_windows += 1
-                measure_into(store, pool, window, session, policy, None, report)
+                measure_into(store, pool, window, session, policy, None, report, watch)
                 after = _drift(baseline, _reference(pool, session, guard.policy))
                 if after > guard.threshold:
                     msg = (f"reference still {after:+.0%} off after re-measuring: the device "
@@ -176,6 +192,24 @@ def build_table(
         bar.close()
         report.seconds = time.monotonic() - t0
     return report
+
+
+def _cool_down(pool: DevicePool, session: SessionSpec, guard: DriftGuard,
+               baseline: list[float], watch: DeviceWatch,
+               sleep: Callable[[float], None] = time.sleep) -> float:
+    """Waits (up to `guard.cooldown_s`) until no device is hot and the reference is back within
+    the threshold; returns the seconds waited."""
+    t0 = time.monotonic()
+    log.warning("pausing up to %.0f s for the device to cool down", guard.cooldown_s)
+    while (left := guard.cooldown_s - (time.monotonic() - t0)) > 0:
+        sleep(min(guard.poll_s, left))
+        hot = any(watch.is_hot(c.device_info().state) for c in pool.clients)
+        if not hot and _drift(baseline, _reference(pool, session, guard.policy)) \
+                <= guard.threshold:
+            break
+    waited = time.monotonic() - t0
+    log.info("cool-down: resumed after %.0f s", waited)
+    return waited
 
 
 def _drift(baseline: list[float], now: list[float]) -> float:

@@ -1,0 +1,81 @@
+"""Device state on every measurement, and what the host makes of it: heat, a throttled clock,
+another load, a charger change are each warned once; a LUT build carries the warnings in its
+report and pauses for a cool-down when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from device_server.device_info import StateReader
+from device_server.server import RunningServer
+from device_server.spec import LayerSpec, SessionSpec
+from host.client import DeviceClient
+from host.pool import DevicePool
+from lut.builder import DriftGuard, build_table, identity_for
+from lut.device_watch import DeviceWatch, WatchLimits
+from lut.store import LutStore
+from tests.conftest import FAST_POLICY
+
+SESSION = SessionSpec(intra_op_threads=1)
+
+
+def _state(temp: float = 40.0, mhz: int = 2000, load: float = 0.5,
+           charging: str = "Discharging") -> dict[str, str]:
+    return {"temp_c.cpu": f"{temp:.1f}", "freq_mhz.cpu0": str(mhz), "freq_mhz.cpu1": "300",
+            "loadavg": f"{load:.2f} 0.40 0.30", "battery.battery.status": charging,
+            "battery.battery.temp_c": "30.0"}
+
+
+def test_heat_is_warned_once_when_it_starts_and_again_after_it_clears() -> None:
+    watch = DeviceWatch(WatchLimits(max_temp_rise_c=10))
+    assert watch.observe(_state(40)) == []
+    assert watch.observe(_state(49)) == []
+    (hot,) = watch.observe(_state(52))
+    assert "temp_c.cpu is +12.0 °C above its first reading" in hot
+    assert watch.observe(_state(55)) == []          # still hot: not repeated
+    assert watch.is_hot(_state(55)) and not watch.is_hot(_state(45))
+    assert watch.observe(_state(42)) == []          # cleared
+    assert len(watch.observe(_state(53))) == 1      # hot again: warned again
+    assert len(watch.warnings) == 2
+
+
+def test_a_throttled_clock_other_load_and_a_charger_change_are_named() -> None:
+    watch = DeviceWatch(threads=1)
+    watch.observe(_state())
+    # An idle core at 300 MHz is normal; the fastest core dropping is throttling.
+    (clock,) = watch.observe(_state(mhz=1400))
+    assert "1400 MHz, 70% of the 2000 MHz" in clock
+    (load,) = watch.observe(_state(mhz=2000, load=3.1))
+    assert "1-minute load 3.10 with 1 measuring thread" in load
+    (power,) = watch.observe(_state(load=0.5, charging="Charging"))
+    assert "from Discharging to Charging" in power
+    assert watch.observe(_state(load=0.5, charging="Charging")) == []
+
+
+def test_state_of_this_machine_is_read_and_comes_back_with_each_measurement(
+        daemon: RunningServer) -> None:
+    local = StateReader().read()
+    assert len(local["loadavg"].split()) == 3  # readable on every Linux
+    with DeviceClient(daemon.address) as client:
+        m = client.measure(LayerSpec.create("conv2d", (1, 8, 8, 8), 8, kernel=3, padding=1),
+                           SESSION, FAST_POLICY)
+    assert set(local) == set(m.state)            # the same readings, taken by the daemon
+    assert m.to_dict()["device_state"] == m.state
+
+
+def test_lut_build_reports_device_warnings_and_pauses_to_cool_down(
+        daemon: RunningServer, tmp_path: Path) -> None:
+    specs = [LayerSpec.create("conv2d", (1, 8, 8, 8), c, kernel=1) for c in (8, 16, 24, 32)]
+    # Any load counts as "another load" here, and any drift as drift: both paths must fire.
+    watch = DeviceWatch(WatchLimits(extra_load=-100.0), threads=1)
+    guard = DriftGuard(window=2, threshold=-1.0, cooldown_s=0.3, poll_s=0.1,
+                       policy=FAST_POLICY)
+    with DevicePool([DeviceClient(daemon.address)]) as pool, \
+            LutStore.open(tmp_path / "t.sqlite", identity_for(pool.info, SESSION)) as store:
+        report = build_table(store, pool, specs, SESSION, FAST_POLICY, drift=guard,
+                             progress=False, watch=watch)
+        assert store.count("unit") == len(specs)  # nothing lost to the pauses
+    assert len(report.state_warnings) == 1 and "something else is running" in \
+        report.state_warnings[0]
+    assert len(report.cooldowns) == 2                          # one per window
+    assert all(0.25 <= c < 5 for c in report.cooldowns)        # waited its time, then went on
