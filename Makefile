@@ -17,6 +17,10 @@ help:
 	@echo "make bench-lut     full-table build time and estimate-vs-measured error"
 	@echo "make bench-adapt   NetAdapt vs MACs-driven vs uniform width at three budgets"
 	@echo "make bench-scale   one iteration on sequential / local pool / Ray; 1 vs 2 pinned daemons"
+	@echo "make deploy-device DEVICE=ssh://USER@HOST[:PORT] | DEVICE=adb[:SERIAL]"
+	@echo "                   install or update the daemon on a device and start it"
+	@echo "make device-status DEVICE=...   is it running and serving for this host?"
+	@echo "make device-stop   DEVICE=...   stop it"
 
 # torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml setup.py
@@ -57,6 +61,25 @@ bench-adapt: $(STAMP) protos
 
 bench-scale: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
+
+# The daemon on a phone or board (host/deploy): over ssh, or over adb to Termux's sshd. More
+# options (--bind, --port, --threads, --wheelhouse, -i KEY) go in DEPLOY_ARGS.
+DEVICE      ?=
+DEPLOY_ARGS ?=
+NEED_DEVICE  = @test -n "$(DEVICE)" || { echo "usage: make $@ DEVICE=ssh://USER@HOST[:PORT] \
+	(Termux: port 8022) or DEVICE=adb[:SERIAL] [DEPLOY_ARGS='...']" >&2; exit 2; }
+
+deploy-device: $(STAMP) protos
+	$(NEED_DEVICE)
+	$(BIN)/netadapt-deploy deploy --device '$(DEVICE)' $(DEPLOY_ARGS)
+
+device-status: $(STAMP) protos
+	$(NEED_DEVICE)
+	$(BIN)/netadapt-deploy status --device '$(DEVICE)' $(DEPLOY_ARGS)
+
+device-stop: $(STAMP) protos
+	$(NEED_DEVICE)
+	$(BIN)/netadapt-deploy stop --device '$(DEVICE)' $(DEPLOY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

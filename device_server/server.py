@@ -133,6 +133,8 @@ def _start(config: ServerConfig, identity: DeviceIdentity, measurer: Measurer) -
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            # A second daemon on a taken port must fail, not share it (gRPC's default on Linux).
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=workers,
     )

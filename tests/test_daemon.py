@@ -324,3 +324,10 @@ def test_full_queue_is_refused() -> None:
         assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in exc.value.details()
         assert first.result().timing.median_ms > 0
+
+
+def test_a_second_daemon_on_a_taken_port_is_refused(daemon: RunningServer) -> None:
+    from device_server.server import create_server
+
+    with pytest.raises((ValueError, RuntimeError), match="bind|in use"):
+        create_server(ServerConfig(port=daemon.port))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -41,7 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     # A short folder: Ray's unix sockets live under it and their paths are length-limited.
+    # Ray's auth token goes there too, not to ~/.ray.
     temp = tempfile.mkdtemp(prefix="ray-")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              object_store_memory=200 * 1024**2,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -50,6 +56,11 @@ def local_ray() -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
