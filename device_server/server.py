@@ -29,7 +29,7 @@ from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 
 __all__ = ["ServerConfig", "RunningServer", "create_server", "running_server", "serve",
-           "InsecureBindError", "SERVICE_NAME"]
+           "InsecureBindError", "SERVICE_NAME", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class RunningServer:
         self.service.measurer.close()
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
@@ -105,7 +106,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         ValueError: TLS files given by halves, or the port cannot be bound.
     """
     secured = bool(config.token) or bool(config.tls_cert)
-    if not _is_loopback(config.host) and not secured and not config.insecure:
+    if not is_loopback(config.host) and not secured and not config.insecure:
         raise InsecureBindError(
             f"serving on {config.host} exposes the device to the network: pass --token-file "
             f"or --tls-cert/--tls-key, or --insecure if the network is trusted"

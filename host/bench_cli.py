@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
-from host.cli_common import CommandError, run_command
+from host.cli_common import CommandError, parse_command_line, run_command
 from host.client import DeviceClient, DeviceInfo, MeasureFailure, Measurement
 from host.daemon import start_local_daemon
 from host.devices import TokenFileError, read_token
@@ -558,15 +558,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     """Runs the command line; returns the exit code (never raises for bad input)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=err,
-    )
+    args = parse_command_line(build_parser(), argv, err)
+    if isinstance(args, int):
+        return args
 
     def run() -> int:
         token = _read_token(args.token_file) if args.token_file else None

@@ -9,13 +9,12 @@ With no `--device`, commands start a measurement daemon on loopback for the run.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from host.adapt_cli import add_adapt_command
-from host.cli_common import EXIT_USAGE, run_command
+from host.cli_common import EXIT_USAGE, parse_command_line, run_command
 from host.lut_cli import add_lut_commands
 
 __all__ = ["main", "build_parser"]
@@ -40,12 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     out = out or sys.stdout
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=err or sys.stderr)
+    args = parse_command_line(build_parser(), argv, err or sys.stderr)
+    if isinstance(args, int):
+        return args
     return run_command(PROG, lambda: int(args.run(args, out)), err, args.verbose)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from device_server.errors import InvalidConfigError
@@ -19,12 +19,25 @@ from host.pool import FingerprintMismatch
 
 __all__ = ["CommandError", "EXIT_DEVICE", "EXIT_USAGE", "add_device_options",
            "add_model_options", "load_network_from_args", "session_from_args",
-           "token_from_args", "run_command", "parse_shape"]
+           "token_from_args", "run_command", "parse_shape", "parse_command_line"]
 
 log = logging.getLogger(__name__)
 
 EXIT_DEVICE = 1   # a device, table or run failed
 EXIT_USAGE = 2    # the command line or an input is wrong; nothing was measured
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       err: TextIO) -> argparse.Namespace | int:
+    """The parsed arguments, with logging to `err` at INFO under `-v`/`--verbose` (else
+    WARNING); or argparse's exit code for --help (0) or a usage error (2), already printed."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=err)
+    return args
 
 
 class CommandError(Exception):

@@ -15,31 +15,16 @@ import torch
 
 from device_server.server import RunningServer
 from host.cli import main as host_main
-from host.data import DataSplits
 from host.engine.config import Budget
 from host.engine.netadapt import BudgetUnreachable, IterationRecord
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
 from lut.store import LutIdentity, LutStore
 from tests.helpers_engine import (
-    Table,
     small_config,
     small_engine,
     small_network,
-    small_splits,
-    small_table,
 )
-
-
-@pytest.fixture(scope="module")
-def splits() -> DataSplits:
-    return small_splits()
-
-
-@pytest.fixture(scope="module")
-def table(daemon: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Table:
-    return small_table(daemon.address, tmp_path_factory.mktemp("lut") / "t.sqlite")
-
 
 _network = small_network
 _config = small_config

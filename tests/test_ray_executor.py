@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from device_server.server import RunningServer
 from host.cli import main as host_main
 from host.data import DataSplits
 from host.engine.config import Budget
@@ -31,8 +30,6 @@ from tests.helpers_engine import (
     small_config,
     small_engine,
     small_network,
-    small_splits,
-    small_table,
 )
 
 ray = pytest.importorskip("ray")
@@ -61,16 +58,6 @@ def local_ray() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def splits() -> DataSplits:
-    return small_splits()
-
-
-@pytest.fixture(scope="module")
-def table(daemon: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Table:
-    return small_table(daemon.address, tmp_path_factory.mktemp("lut") / "t.sqlite")
 
 
 def _context(splits: DataSplits, train: object = None) -> ProposalContext:

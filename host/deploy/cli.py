@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from host.cli_common import parse_command_line
 from host.deploy.adb import AdbError
 from host.deploy.bundle import BundleError
 from host.deploy.deployer import (
@@ -179,12 +180,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     """Runs the command line; returns the exit code (never raises for bad input)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=err)
+    args = parse_command_line(build_parser(), argv, err)
+    if isinstance(args, int):
+        return args
     if not args.verbose:
         # The token goes over plaintext by design here (bound by --bind, a private network or
         # an adb/ssh tunnel); the client's per-connection warning would only repeat that.

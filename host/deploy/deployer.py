@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from device_server.server import is_loopback
 from host.client import DeviceClient, DeviceError
 from host.deploy import adb
 from host.deploy.bundle import build_bundle
@@ -105,15 +105,6 @@ class _Endpoint:
         return self.reach(port)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -189,7 +180,7 @@ def _check_config(target: Target, config: DeployConfig) -> None:
         raise ConfigError(f"--wheelhouse {config.wheelhouse} is not a directory")
     if config.wheelhouse is not None and not any(config.wheelhouse.glob("*.whl")):
         raise ConfigError(f"--wheelhouse {config.wheelhouse} holds no .whl files")
-    if isinstance(target, SshTarget) and config.address is None and _is_loopback(
+    if isinstance(target, SshTarget) and config.address is None and is_loopback(
             _bind(target, config)):
         raise ConfigError(
             f"--bind {config.bind} listens on the device's loopback only, which this host "
