@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 import onnxruntime as ort
@@ -95,16 +97,26 @@ class StateReader:
 
     Keys: `loadavg` ("1m 5m 15m"), `freq_mhz.cpuN`, `temp_c.<zone type>`, and on phones and
     laptops `battery.<supply>.{pct,status,temp_c}` (status: Charging, Discharging, Full...).
+    Recent Android hides /sys/class/power_supply from apps; there the battery comes from Termux:API
+    (`termux-battery-status`, ~1 s a call, so read at most every `battery_every_s`).
     """
 
-    def __init__(self) -> None:
+    battery_every_s = 60.0
+
+    def __init__(self, power_supplies: str = "/sys/class/power_supply/*",
+                 termux_battery: str | None = "termux-battery-status") -> None:
+        """`power_supplies`: where sysfs lists them; `termux_battery`: the Termux:API program
+        (looked up on PATH), used only when no sysfs battery is readable; None: never."""
         self._freqs = [(p.split("/")[5], p) for p in sorted(
             glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq"))]
         self._temps = [(_read(f"{z}/type") or os.path.basename(z), f"{z}/temp")
                        for z in sorted(glob.glob("/sys/class/thermal/thermal_zone*"))]
         self._batteries = [(os.path.basename(d), d)
-                           for d in sorted(glob.glob("/sys/class/power_supply/*"))
+                           for d in sorted(glob.glob(power_supplies))
                            if _read(f"{d}/type") == "Battery"]
+        self._termux_battery = (shutil.which(termux_battery)
+                                if termux_battery and not self._batteries else None)
+        self._battery_cache: tuple[float, dict[str, str]] = (-float("inf"), {})
 
     def read(self) -> dict[str, str]:
         state: dict[str, str] = {}
@@ -127,6 +139,27 @@ class StateReader:
                 state[f"battery.{name}.status"] = status
             if (temp := _read(f"{path}/temp")).lstrip("-").isdigit():  # tenths of a degree
                 state[f"battery.{name}.temp_c"] = f"{int(temp) / 10:.1f}"
+        if self._termux_battery:
+            state.update(self._termux_battery_state(self._termux_battery))
+        return state
+
+    def _termux_battery_state(self, program: str) -> dict[str, str]:
+        read_at, cached = self._battery_cache
+        if time.monotonic() - read_at < self.battery_every_s:
+            return cached
+        state: dict[str, str] = {}
+        try:
+            out = subprocess.run([program], capture_output=True, text=True, timeout=10)
+            info = json.loads(out.stdout)
+            if "percentage" in info:
+                state["battery.battery.pct"] = str(int(info["percentage"]))
+            if "status" in info:  # CHARGING, DISCHARGING, FULL, NOT_CHARGING
+                state["battery.battery.status"] = str(info["status"]).title().replace("_", " ")
+            if "temperature" in info:
+                state["battery.battery.temp_c"] = f"{float(info['temperature']):.1f}"
+        except (OSError, subprocess.SubprocessError, ValueError, TypeError, AttributeError):
+            pass  # Termux:API app missing or refused: no battery reading, not an error
+        self._battery_cache = (time.monotonic(), state)
         return state
 
 

@@ -4,7 +4,10 @@ report and pauses for a cool-down when asked."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from device_server.device_info import StateReader
 from device_server.server import RunningServer
@@ -79,3 +82,22 @@ def test_lut_build_reports_device_warnings_and_pauses_to_cool_down(
         report.state_warnings[0]
     assert len(report.cooldowns) == 2                          # one per window
     assert all(0.25 <= c < 5 for c in report.cooldowns)        # waited its time, then went on
+
+
+def test_battery_comes_from_termux_api_where_sysfs_hides_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tool = tmp_path / "termux-battery-status"
+    calls = tmp_path / "calls"
+    tool.write_text("#!/bin/sh\necho x >> " + str(calls) + "\n"
+                    'echo \'{"health": "GOOD", "percentage": 83, "plugged": "UNPLUGGED", '
+                    '"status": "DISCHARGING", "temperature": 31.4, "current": -412}\'\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    # As on Android 10+: no readable power supply in sysfs.
+    reader = StateReader(power_supplies=str(tmp_path / "none" / "*"))
+    state = reader.read()
+    assert state["battery.battery.pct"] == "83"
+    assert state["battery.battery.status"] == "Discharging"
+    assert state["battery.battery.temp_c"] == "31.4"
+    reader.read()
+    assert calls.read_text().count("x") == 1  # ~1 s a call on a phone: cached, not per reading
