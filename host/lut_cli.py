@@ -22,7 +22,7 @@ from host.cli_common import (
 from host.devices import open_pool
 from host.lut_validation import calibrate, validate
 from host.pool import DevicePool
-from lut.builder import DriftGuard, build_table, identity_for
+from lut.builder import DriftGuard, NoiseGuard, build_table, identity_for
 from lut.device_watch import DeviceWatch, WatchLimits
 from lut.estimator import LatencyEstimator
 from lut.exchange import export_csv, export_json, import_file
@@ -66,6 +66,9 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     b.add_argument("--window", type=int, default=DriftGuard.window,
                    help="keys between drift checks")
     b.add_argument("--drift-threshold", type=float, default=DriftGuard.threshold)
+    b.add_argument("--passes", type=int, default=NoiseGuard.passes,
+                   help="measure every key this many times, in different orders, and keep the "
+                        "fastest (2 removes most bursts of other load; doubles the build time)")
     b.add_argument("--cooldown-s", type=float, default=DriftGuard.cooldown_s,
                    help="on drift or heat, pause up to this long for the device to cool down "
                         "before re-measuring (default: do not pause)")
@@ -109,6 +112,8 @@ def _add_lut_path(p: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace, out: TextIO) -> int:
+    if args.passes < 1:
+        raise CommandError(f"--passes must be >= 1, got {args.passes}")
     network = load_network_from_args(args)
     session = session_from_args(args)
     plan = plan_keys(network.planner, step=args.step)
@@ -121,6 +126,7 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
                              watch=DeviceWatch(WatchLimits(max_temp_rise_c=args.max_temp_rise),
                                                threads=session.with_threads(
                                                    pool.info.default_threads).intra_op_threads),
+                             noise=NoiseGuard(passes=args.passes),
                              progress=sys.stderr.isatty() and not args.json)
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
                                args.step)
@@ -132,6 +138,7 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
             "already_present": report.present,
             "measured": report.measured,
             "failed": len(report.failed),
+            "remeasured": report.remeasured,
             "drift_events": report.drift_events,
             "device_state_warnings": report.state_warnings,
             "cooldowns_s": [round(c, 1) for c in report.cooldowns],

@@ -20,7 +20,7 @@ from device_server.spec import LayerSpec, SessionSpec
 from host.network import Network, random_config
 from host.pool import DevicePool
 from host.whole_model import measure_networks
-from lut.builder import BuildReport, ensure_overhead, measure_into
+from lut.builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
 from lut.calibration import MODEL_KIND, architecture_of, model_row_key, parse_model_row_key
 from lut.estimator import Fetch, LatencyEstimator
 from lut.store import LutStore
@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 CALIBRATION_SEED_OFFSET = 1_000_003  # calibration variants never coincide with validation's
 
 
+ON_DEMAND_NOISE = NoiseGuard(passes=2)  # a few hundred keys: measuring each twice costs seconds
+
+
 def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
-              report: BuildReport | None = None) -> Fetch:
+              report: BuildReport | None = None, noise: NoiseGuard = ON_DEMAND_NOISE) -> Fetch:
     """A fetch callback for the estimator: measure what the table lacks, store it, return it."""
     from lut.builder import LUT_POLICY
 
     def fetch(specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
-        return measure_into(store, pool, specs, session, LUT_POLICY, None, report)
+        return measure_into(store, pool, specs, session, LUT_POLICY, None, report, noise=noise)
 
     return fetch
 
