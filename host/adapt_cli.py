@@ -34,6 +34,7 @@ from host.lut_cli import open_store
 from host.lut_validation import calibrate, on_demand
 from lut.builder import ensure_overhead
 from lut.calibration import architecture_of
+from lut.device_watch import DeviceWatch
 from lut.estimator import LatencyEstimator
 
 __all__ = ["add_adapt_command"]
@@ -179,7 +180,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
             ensure_overhead(store, pool, session)
             calibrate(store, pool, network, session, args.calibrate, args.seed, args.step)
             estimator = LatencyEstimator.from_store(
-                store, fetch=on_demand(store, pool, session),
+                store, fetch=on_demand(store, pool, session, watch=DeviceWatch(
+                    threads=session.with_threads(pool.info.default_threads).intra_op_threads)),
                 architecture=architecture_of(network.specs()))
             engine = NetAdapt(network, splits, estimator, pool, session, config, workdir,
                               progress=_progress(args))

@@ -22,6 +22,7 @@ from host.pool import DevicePool
 from host.whole_model import measure_networks
 from lut.builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
 from lut.calibration import MODEL_KIND, architecture_of, model_row_key, parse_model_row_key
+from lut.device_watch import DeviceWatch
 from lut.estimator import Fetch, LatencyEstimator
 from lut.store import LutStore
 
@@ -37,12 +38,15 @@ ON_DEMAND_NOISE = NoiseGuard(passes=2)  # a few hundred keys: measuring each twi
 
 
 def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
-              report: BuildReport | None = None, noise: NoiseGuard = ON_DEMAND_NOISE) -> Fetch:
-    """A fetch callback for the estimator: measure what the table lacks, store it, return it."""
+              report: BuildReport | None = None, noise: NoiseGuard = ON_DEMAND_NOISE,
+              watch: DeviceWatch | None = None) -> Fetch:
+    """A fetch callback for the estimator: measure what the table lacks, store it, return it.
+    With `watch`, the device state of every measurement is checked (warnings are logged)."""
     from lut.builder import LUT_POLICY
 
     def fetch(specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
-        return measure_into(store, pool, specs, session, LUT_POLICY, None, report, noise=noise)
+        return measure_into(store, pool, specs, session, LUT_POLICY, None, report, watch,
+                            noise)
 
     return fetch
 
