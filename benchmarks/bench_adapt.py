@@ -165,6 +165,42 @@ def _summary(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Test accuracy vs measured speedup of every method, one point per seed and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"netadapt-latency": ("tab:blue", "o", "NetAdapt, latency LUT"),
+              "netadapt-macs": ("tab:orange", "s", "same engine, MACs"),
+              "uniform": ("tab:green", "^", "uniform width, from the base"),
+              "scratch": ("tab:gray", "v", "uniform width, from scratch")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, (color, marker, label) in styles.items():
+        xs, ys = [], []
+        for rows in results["per_seed"].values():
+            for name, row in rows.items():
+                if name.split("@")[0] == method:
+                    xs.append(row["speedup"])
+                    ys.append(100 * row["test_accuracy"])
+        ax.scatter(xs, ys, c=color, marker=marker, label=label, alpha=0.8)
+    originals = [100 * rows["original"]["test_accuracy"]
+                 for rows in results["per_seed"].values()]
+    ax.axhline(statistics.mean(originals), color="k", lw=0.8, ls="--",
+               label="original (mean over seeds)")
+    ax.axhline(statistics.mean(originals) - 0.5, color="k", lw=0.5, ls=":",
+               label="original - 0.5 point")
+    ax.set_xlabel("measured speedup over the original (ORT CPU, 1 thread)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"MobileNetV1 on MNIST 5k, seeds {', '.join(map(str, results['per_seed']))}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.75, 0.5, 0.35])
@@ -177,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="local proposal workers")
     parser.add_argument("--workdir", type=Path, default=Path("bench-results/adapt"))
     parser.add_argument("--out", type=Path, default=Path("bench-results/adapt.json"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = parser.parse_args(argv)
+    png = args.out.with_suffix(".png")
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), png)
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     splits = load_dataset("mnist_5k", seed=0)
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
@@ -195,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": time.monotonic() - t0}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, default=str))  # after every seed
+            plot(json.loads(args.out.read_text()), png)
     print(json.dumps(results["summary"], indent=2))
     return 0
 
