@@ -50,6 +50,8 @@ def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, 
     run = tmp_path / "run"
     lines = (run / "history.jsonl").read_text().splitlines()
     assert len(lines) == result.iterations
+    # The measurement that stopped the run is in the file too, not only in memory.
+    assert json.loads(lines[-1])["measured_latency_ms"] == measured[-1]
     assert {"iteration", "group_id", "channels", "estimated_latency_ms", "holdout_accuracy",
             "seconds"} <= set(json.loads(lines[0]))
     assert (run / "accuracy_vs_latency.png").stat().st_size > 1000
