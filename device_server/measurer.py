@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import onnxruntime as ort
 
 from device_server.builder import build_identity_model, build_layer_model
-from device_server.device_info import StateReader
+from device_server.device_info import read_state
 from device_server.errors import ResourceLimitError, UnavailableProviderError
 from device_server.model_store import ModelStore
 from device_server.queue import DeviceQueue
@@ -63,7 +63,6 @@ class Measurer:
         self.models = ModelStore(
             int(limits.max_model_mib * 2**20), int(limits.model_cache_mib * 2**20)
         )
-        self._state = StateReader()
         self.worker = MeasureWorker(limits.session_cache_size, limits.hang_grace_s)
 
     def close(self) -> None:
@@ -186,4 +185,4 @@ class Measurer:
             graph_optimization=resolved.graph_optimization.value,
             provider_options=resolved.provider_options,
         )
-        return Timed(timing, conditions, started, finished, config_hash, self._state.read())
+        return Timed(timing, conditions, started, finished, config_hash, read_state())

@@ -180,8 +180,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
             ensure_overhead(store, pool, session)
             calibrate(store, pool, network, session, args.calibrate, args.seed, args.step)
             estimator = LatencyEstimator.from_store(
-                store, fetch=on_demand(store, pool, session, watch=DeviceWatch(
-                    threads=session.with_threads(pool.info.default_threads).intra_op_threads)),
+                store, fetch=on_demand(store, pool, session, watch=DeviceWatch.for_session(
+                    session, pool.info.default_threads)),
                 architecture=architecture_of(network.specs()))
             engine = NetAdapt(network, splits, estimator, pool, session, config, workdir,
                               progress=_progress(args))

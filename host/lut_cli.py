@@ -123,9 +123,9 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
                              drift=DriftGuard(window=args.window,
                                               threshold=args.drift_threshold,
                                               cooldown_s=args.cooldown_s),
-                             watch=DeviceWatch(WatchLimits(max_temp_rise_c=args.max_temp_rise),
-                                               threads=session.with_threads(
-                                                   pool.info.default_threads).intra_op_threads),
+                             watch=DeviceWatch.for_session(
+                                 session, pool.info.default_threads,
+                                 WatchLimits(max_temp_rise_c=args.max_temp_rise)),
                              noise=NoiseGuard(passes=args.passes),
                              progress=sys.stderr.isatty() and not args.json)
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,

@@ -117,7 +117,6 @@ def measure_into(
 ) -> dict[LayerSpec, float]:
     """Measures `specs` on the pool and commits each row as it arrives; returns the medians.
     Noisy keys are measured again afterwards, and every key `noise.passes` times in all."""
-    got: dict[LayerSpec, float] = {}
     kept: dict[LayerSpec, TimingStats] = {}
     rep = report if report is not None else BuildReport()
 
@@ -128,7 +127,6 @@ def measure_into(
             if before is None or result.timing.median_ms < before.median_ms:
                 store.put(result.spec, result.timing)
                 kept[result.spec] = result.timing
-                got[result.spec] = result.timing.median_ms
             if before is None:
                 rep.measured += 1
             else:
@@ -161,7 +159,7 @@ def measure_into(
             log.info("%d keys measured with samples spread over %.1fx: measuring them again",
                      len(todo), noise.max_spread)
             run(todo, on_result)
-    return got
+    return {spec: timing.median_ms for spec, timing in kept.items()}
 
 
 def _merge_device_stats(report: BuildReport, stats: list[DeviceStats]) -> None:
@@ -214,8 +212,7 @@ def build_table(
     report = BuildReport(planned=len(distinct), present=len(distinct) - len(todo))
     ensure_overhead(store, pool, session)
     guard = drift or DriftGuard()
-    watch = watch or DeviceWatch(threads=session.with_threads(pool.info.default_threads)
-                                 .intra_op_threads)
+    watch = watch or DeviceWatch.for_session(session, pool.info.default_threads)
     bar = tqdm(total=len(todo), unit="key", disable=not progress, dynamic_ncols=True,
                desc="measuring")
     try:
@@ -225,8 +222,7 @@ def build_table(
             measure_into(store, pool, window, session, policy, bar.update, report, watch,
                          noise)
             moved = _drift(baseline, _reference(pool, session, guard.policy))
-            hot = any(watch.is_hot(c.device_info().state) for c in pool.clients)
-            if (moved > guard.threshold or hot) and guard.cooldown_s > 0:
+            if guard.cooldown_s > 0 and (moved > guard.threshold or _any_hot(pool, watch)):
                 report.cooldowns.append(_cool_down(pool, session, guard, baseline, watch))
             if moved > guard.threshold:
                 msg = (f"reference layer moved {moved:+.0%} during keys {start}-"
@@ -248,6 +244,10 @@ def build_table(
     return report
 
 
+def _any_hot(pool: DevicePool, watch: DeviceWatch) -> bool:
+    return any(watch.is_hot(c.device_info().state) for c in pool.clients)
+
+
 def _cool_down(pool: DevicePool, session: SessionSpec, guard: DriftGuard,
                baseline: list[float], watch: DeviceWatch,
                sleep: Callable[[float], None] = time.sleep) -> float:
@@ -257,8 +257,7 @@ def _cool_down(pool: DevicePool, session: SessionSpec, guard: DriftGuard,
     log.warning("pausing up to %.0f s for the device to cool down", guard.cooldown_s)
     while (left := guard.cooldown_s - (time.monotonic() - t0)) > 0:
         sleep(min(guard.poll_s, left))
-        hot = any(watch.is_hot(c.device_info().state) for c in pool.clients)
-        if not hot and _drift(baseline, _reference(pool, session, guard.policy)) \
+        if not _any_hot(pool, watch) and _drift(baseline, _reference(pool, session, guard.policy)) \
                 <= guard.threshold:
             break
     waited = time.monotonic() - t0

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from device_server.spec import SessionSpec
+
 __all__ = ["WatchLimits", "DeviceWatch"]
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,13 @@ class DeviceWatch:
     charging: str | None = None
     active: set[str] = field(default_factory=set)     # problem kinds warned and not cleared
     warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_session(cls, session: SessionSpec, default_threads: int,
+                    limits: WatchLimits = WatchLimits()) -> DeviceWatch:
+        """A watch for measurements under `session` on a daemon whose default thread count is
+        `default_threads` (what "0 threads" in the session resolves to)."""
+        return cls(limits, threads=session.with_threads(default_threads).intra_op_threads)
 
     def problems(self, state: Mapping[str, str]) -> dict[str, str]:
         """Kind -> description of what is wrong in `state` (does not remember anything)."""

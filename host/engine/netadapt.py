@@ -207,8 +207,7 @@ class NetAdapt:
             if d["iteration"] < upto:
                 d["channels"] = {int(k): v for k, v in d["channels"].items()}
                 records.append(IterationRecord(**d))
-        # Drop lines written after the last checkpoint (an interrupted iteration).
-        path.write_text("".join(r.to_json() + "\n" for r in records))
+        self._write_history(records)  # drops lines after the last checkpoint (interrupted)
         return records
 
     # -- the run --------------------------------------------------------------------------
