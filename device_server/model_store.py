@@ -1,24 +1,44 @@
 """Whole ONNX models uploaded in chunks, keyed by SHA-256, so each model is sent once.
 
 Kept in memory with an LRU byte budget (a phone has little disk to spare, and a model is
-re-sent cheaply if evicted: the client asks `HasModel` first).
+re-sent cheaply if evicted: the client asks `HasModel` first). A model is stored only once it
+is whole, matches its hash, parses as ONNX and names no file (`model_check`): nothing a client
+uploads can make the runtime read the device's disk.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import re
 import threading
 from collections.abc import Iterable
 
 import onnx
 
 from device_server.errors import InvalidConfigError, ModelNotFoundError, ResourceLimitError
+from device_server.model_check import check_self_contained
 
-__all__ = ["ModelStore", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES"]
+__all__ = ["ModelStore", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES", "parse_sha256"]
 
 MIN_CHUNK_BYTES = 64 * 1024   # except the last chunk
 MAX_CHUNK_BYTES = 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_sha256(text: str, what: str = "sha256") -> str:
+    """The lower-case hex digest in `text`.
+
+    Raises:
+        InvalidConfigError: `text` is not 64 hex digits.
+    """
+    digest = text.strip().lower()
+    if not _SHA256.fullmatch(digest):
+        shown = repr(text[:70] + ("…" if len(text) > 70 else ""))
+        raise InvalidConfigError(
+            f"{what} must be the model's SHA-256 as 64 hex digits, got {shown}"
+        )
+    return digest
 
 
 class ModelStore:
@@ -59,11 +79,12 @@ class ModelStore:
         pending_small = False
         for i, (sha, total_bytes, data) in enumerate(chunks):
             if i == 0:
-                if len(sha) != 64 or total_bytes <= 0:
+                if total_bytes <= 0:
                     raise InvalidConfigError(
                         "the first chunk must carry the model's sha256 (64 hex digits) and "
                         "total_bytes > 0"
                     )
+                sha = parse_sha256(sha, "the first chunk's sha256")
                 if total_bytes > self.max_model_bytes:
                     raise ResourceLimitError(
                         f"model of {total_bytes} bytes exceeds this daemon's limit of "
@@ -98,9 +119,14 @@ class ModelStore:
                 f"{expected_sha[:16]}…: the upload was corrupted or the hash is wrong"
             )
         try:
-            model = onnx.load_from_string(blob)
+            model = onnx.load_from_string(blob)  # parses only: never reads external data
+        except Exception as exc:  # protobuf's DecodeError, RecursionError for deep nesting
+            message = f"the uploaded bytes are not a valid ONNX model (they do not parse: {exc})"
+            raise InvalidConfigError(message) from None
+        check_self_contained(model)  # before the checker, which would look for the files
+        try:
             onnx.checker.check_model(model)
-        except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+        except Exception as exc:  # onnx raises ValidationError, ...
             message = f"the uploaded bytes are not a valid ONNX model: {exc}"
             raise InvalidConfigError(message) from None
         self._add(actual, blob)

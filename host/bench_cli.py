@@ -314,7 +314,25 @@ def _read_model(path: str) -> bytes:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not data:
         raise InputError(f"{path} is empty; expected an ONNX model")
+    _check_self_contained(path, data)
     return data
+
+
+def _check_self_contained(path: str, data: bytes) -> None:
+    """Refuses, before connecting, a model the daemon would refuse for naming files (external
+    weights): the same check the daemon runs, so the message is the daemon's."""
+    import onnx
+
+    from device_server.model_check import check_self_contained
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # not ONNX at all: the daemon says so (and how)
+        return
+    try:
+        check_self_contained(model)
+    except InvalidConfigError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def _read_token(path: str) -> str:
