@@ -93,6 +93,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             max_queue_depth=self.measurer.queue.max_depth,
             default_threads=self.measurer.default_threads,
             state=read_state(),
+            **ident.info_fields(),
         )
 
     def _measure_one(

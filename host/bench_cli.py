@@ -33,6 +33,7 @@ from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasureP
 from host.cli_common import CommandError, parse_command_line, run_command
 from host.client import DeviceClient, DeviceInfo, MeasureFailure, Measurement
 from host.daemon import start_local_daemon
+from host.device_summary import clusters_line, pinning_line
 from host.devices import TokenFileError, read_token
 from host.table import format_ms, format_table
 
@@ -422,10 +423,17 @@ def _print_info(info: DeviceInfo, address: str, as_json: bool, out: TextIO) -> N
         ("address", address),
         ("fingerprint", info.fingerprint),
         ("cpu", f"{info.cpu_model} ({info.cpu_count} cores, {info.machine})"),
-        ("os", f"{info.os} {info.os_release}"),
     ]
+    if info.clusters:
+        rows += [("clusters", clusters_line(info)), ("pinned", pinning_line(info))]
+    rows += [(name, value) for name, value in (("product", info.product_model),
+                                               ("board", info.board_model), ("soc", info.soc))
+             if value]
+    rows.append(("os", f"{info.os} {info.os_release}"))
     if info.android_version:
         rows.append(("android", info.android_version))
+    if info.build_fingerprint:
+        rows.append(("build", info.build_fingerprint))
     rows += [
         ("onnxruntime", info.ort_version),
         ("providers", ", ".join(info.providers)),

@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from device_server import wire
+from device_server.cpu_topology import CpuCluster
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import Conditions, TimingStats
 from protos import device_pb2 as pb
@@ -97,6 +98,18 @@ class DeviceInfo:
     max_queue_depth: int  # beyond this, requests get RESOURCE_EXHAUSTED
     default_threads: int
     state: dict[str, str] = field(default_factory=dict)  # load, frequencies, temperatures
+    clusters: tuple[CpuCluster, ...] = ()  # the cores by kind and clock (big.LITTLE: several)
+    pinned_cpus: tuple[int, ...] = ()  # the daemon's CPU affinity (all CPUs: not pinned)
+    board_model: str = ""  # device tree model (boards), DMI product (PCs)
+    soc: str = ""
+    product_model: str = ""  # Android: manufacturer + model
+    build_fingerprint: str = ""  # Android: the OS build
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the daemon runs on a subset of the cores (`serve --cpus`)."""
+        every = {cpu for c in self.clusters for cpu in c.cpus}
+        return bool(self.pinned_cpus) and bool(every) and set(self.pinned_cpus) < every
 
     @classmethod
     def from_proto(cls, msg: pb.DeviceInfo) -> DeviceInfo:
@@ -116,6 +129,13 @@ class DeviceInfo:
             max_queue_depth=msg.max_queue_depth,
             default_threads=msg.default_threads,
             state=dict(sorted(msg.state.items())),
+            clusters=tuple(CpuCluster(c.core, c.ident, tuple(c.cpus), c.max_freq_khz)
+                           for c in msg.clusters),
+            pinned_cpus=tuple(msg.pinned_cpus),
+            board_model=msg.board_model,
+            soc=msg.soc,
+            product_model=msg.product_model,
+            build_fingerprint=msg.build_fingerprint,
         )
 
     def to_dict(self) -> dict[str, object]:
