@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from device_server.logs import configure_logging
 from device_server.measurer import Limits
 from device_server.server import ServerConfig, serve
 
@@ -72,8 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(args.log_level)
+    except ValueError:
+        print(f"netadapt-device: unknown --log-level {args.log_level!r} (DEBUG, INFO, WARNING, "
+              f"ERROR)", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print("netadapt-device: --threads must be >= 1", file=sys.stderr)
         return 2

@@ -3,6 +3,11 @@
 Every measurement holds the device queue for its whole duration (session creation included),
 so measurements never overlap. ONNX Runtime runs in a worker process (`worker.py`) that keeps
 the sessions, LRU-cached by (graph, session options), and that a crash can take down alone.
+
+A measurement whose caller stops waiting (`is_active()` turns false: the call was cancelled,
+its deadline passed, its stream closed) is dropped from the queue if it has not started, and
+interrupted in the worker if it has, so the device is free again within
+`Limits.cancel_grace_s` (plus a worker restart in the rare case the interrupt is not enough).
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import onnxruntime as ort
 
 from device_server.builder import build_identity_model, build_layer_model
 from device_server.device_info import read_state
-from device_server.errors import ResourceLimitError, UnavailableProviderError
+from device_server.errors import DeadlineError, ResourceLimitError, UnavailableProviderError
+from device_server.model_check import check_provider_options
 from device_server.model_store import ModelStore
-from device_server.queue import DeviceQueue
+from device_server.queue import Cancelled, DeviceQueue
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import Conditions, TimingStats
-from device_server.worker import Job, MeasureWorker
+from device_server.worker import Job, JobCancelled, MeasureWorker
 
 __all__ = ["Limits", "Measurer", "Timed"]
 
@@ -40,6 +46,7 @@ class Limits:
     model_cache_mib: float = 1024.0
     session_cache_size: int = 64
     hang_grace_s: float = 30.0        # beyond a measurement's budget before its worker is killed
+    cancel_grace_s: float = 1.0       # an abandoned measurement's time to stop before a kill
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Timed:
     finished_unix_ns: int
     config_hash: str
     state: dict[str, str] = field(default_factory=dict)  # device state as it ended
+    queued_s: float = 0.0                                 # waiting for the device before
 
 
 class Measurer:
@@ -63,7 +71,10 @@ class Measurer:
         self.models = ModelStore(
             int(limits.max_model_mib * 2**20), int(limits.model_cache_mib * 2**20)
         )
-        self.worker = MeasureWorker(limits.session_cache_size, limits.hang_grace_s)
+        self.worker = MeasureWorker(limits.session_cache_size, limits.hang_grace_s,
+                                    limits.cancel_grace_s)
+        self.abandoned_queued = 0     # dropped before they got the device
+        self.abandoned_running = 0    # stopped in the worker
 
     def close(self) -> None:
         """Stops the worker process."""
@@ -148,6 +159,7 @@ class Measurer:
             )
 
     def _resolve_session(self, session: SessionSpec) -> SessionSpec:
+        check_provider_options(session.provider_options)
         available = ort.get_available_providers()
         if session.provider not in available:
             raise UnavailableProviderError(
@@ -171,12 +183,36 @@ class Measurer:
         policy.validate()
         resolved = self._resolve_session(session)
         cache_key = (*graph_key, resolved.key())
-        with self.queue.hold(deadline=deadline, is_active=is_active):
-            started = time.time_ns()
-            job = Job(cache_key, resolved, policy, self.limits.max_measure_s,
-                      None if deadline is None else deadline - time.monotonic(), input_shapes)
-            timing = self.worker.measure(job, model_bytes, what)
-            finished = time.time_ns()
+        asked = time.monotonic()
+
+        def stop() -> bool:
+            return (is_active is not None and not is_active()) or (
+                deadline is not None and time.monotonic() > deadline)
+
+        holding = False
+        try:
+            with self.queue.hold(deadline=deadline, is_active=is_active):
+                holding = True
+                queued_s = time.monotonic() - asked
+                started = time.time_ns()
+                job = Job(cache_key, resolved, policy, self.limits.max_measure_s,
+                          None if deadline is None else deadline - time.monotonic(),
+                          input_shapes)
+                timing = self.worker.measure(job, model_bytes, what, stop)
+                finished = time.time_ns()
+        except JobCancelled as exc:
+            self.abandoned_running += 1
+            restarted = " (its worker was restarted)" if exc.killed else ""
+            if is_active is not None and not is_active():
+                raise Cancelled(f"the call ended while measuring {what}; the measurement was "
+                                f"abandoned{restarted}") from None
+            raise DeadlineError(f"the client's deadline passed while measuring {what}; the "
+                                f"measurement was abandoned{restarted}: raise the timeout"
+                                ) from None
+        except (Cancelled, DeadlineError):
+            if not holding:
+                self.abandoned_queued += 1
+            raise
         conditions = Conditions(
             device_fingerprint=self.fingerprint,
             ort_version=ort.__version__,
@@ -185,4 +221,4 @@ class Measurer:
             graph_optimization=resolved.graph_optimization.value,
             provider_options=resolved.provider_options,
         )
-        return Timed(timing, conditions, started, finished, config_hash, read_state())
+        return Timed(timing, conditions, started, finished, config_hash, read_state(), queued_s)

@@ -136,6 +136,11 @@ def _start(config: ServerConfig, identity: DeviceIdentity, measurer: Measurer) -
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             # A second daemon on a taken port must fail, not share it (gRPC's default on Linux).
             ("grpc.so_reuseport", 0),
+            # A client that vanished without closing its connection (phone off Wi-Fi, laptop
+            # asleep) is noticed within ~30 s, and its measurement abandoned like a cancel.
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ],
         maximum_concurrent_rpcs=workers,
     )
