@@ -1,5 +1,14 @@
-"""A timing as a distribution: summary statistics of per-call samples, and the conditions the
-samples were taken under."""
+"""A timing as a distribution: summary statistics of per-call samples, the robust figure the
+project acts on with its confidence interval, and the conditions the samples were taken under.
+
+The robust figure (`value_ms`) is a low quantile (`ROBUST_QUANTILE`, the 10th percentile) of
+the samples the daemon did not see preempted. Interference on a shared device only ever adds
+time (Chen & Revels, "Robust benchmarking in noisy environments", 2016), so the bottom of the
+distribution is what repeats; the minimum itself is one lucky sample, the 10th percentile is
+nearly as stable (measured in the README) and is not moved by a single outlier. Its interval
+is distribution-free: the order statistics that bracket the quantile with >= 95% binomial
+confidence.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,12 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-__all__ = ["TimingStats", "Conditions", "summarize"]
+__all__ = ["TimingStats", "Conditions", "summarize", "quantile_interval", "median_interval",
+           "interval_coverage",
+           "ROBUST_QUANTILE", "CONFIDENCE"]
+
+ROBUST_QUANTILE = 0.1   # the quantile of the samples reported as `value_ms`
+CONFIDENCE = 0.95       # of every interval reported
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,26 @@ class TimingStats:
     number: int = 1                 # back-to-back calls per sample
     warmup_runs: int = 0
     session_create_ms: float = 0.0  # 0 when the session came from the cache
+    # The robust figure: ROBUST_QUANTILE of the clean samples, and its CONFIDENCE interval.
+    # 0 in timings from daemons older than the protocol (then `robust_ms` falls back to median).
+    value_ms: float = 0.0
+    ci_low_ms: float = 0.0
+    ci_high_ms: float = 0.0
+    preempted_samples: int = 0      # samples taken again: the OS switched the timer out mid-sample
+    other_load: float = -1.0        # cores busy with other work during the samples; -1 unknown
+    steal: float = -1.0             # fraction of a core the hypervisor took away; -1 unknown
+
+    @property
+    def robust_ms(self) -> float:
+        """`value_ms`, or the median for a timing made without the robust protocol."""
+        return self.value_ms if self.value_ms > 0 else self.median_ms
+
+    @property
+    def rel_halfwidth(self) -> float:
+        """Half the confidence interval relative to the robust figure (inf when unknown)."""
+        if self.value_ms <= 0 or self.ci_high_ms <= 0:
+            return float("inf")
+        return (self.ci_high_ms - self.ci_low_ms) / 2 / self.value_ms
 
     @property
     def rel_spread(self) -> float:
@@ -54,16 +88,80 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1))
+
+
+def quantile_interval(
+    sorted_values: list[float], q: float, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Distribution-free interval for the q-quantile: order statistics x(l) <= x(u) with
+    P(x(l) <= ξ_q <= x(u)) >= `confidence` (binomial; e.g. Hahn & Meeker, Statistical
+    Intervals, §5.2), as symmetric in tail probability as the sample size allows.
+    Too few values for that confidence clip the interval to (min, max): its real confidence is
+    then `interval_coverage(n, q)`.
+
+    Args:
+        sorted_values: at least one value, ascending.
+        q: the quantile, in (0, 1).
+    Returns:
+        (low, high) in the values' unit.
+    """
+    n = len(sorted_values)
+    assert n >= 1 and 0 < q < 1, "quantile_interval needs values and 0 < q < 1"
+    lo_rank, hi_rank = _ranks(n, q, confidence)
+    return sorted_values[lo_rank - 1], sorted_values[hi_rank - 1]
+
+
+def _ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
+    """1-based ranks (l, u) of the interval; clipped to (1, n) when n is too small."""
+    alpha = (1 - confidence) / 2
+    # l: the largest rank with P(B <= l-1) <= alpha; u: the smallest with P(B >= u) <= alpha.
+    lo_rank = 1
+    for r in range(1, n + 1):
+        if _binom_cdf(r - 1, n, q) <= alpha:
+            lo_rank = r
+        else:
+            break
+    hi_rank = n
+    for r in range(n, 0, -1):
+        if 1 - _binom_cdf(r - 1, n, q) <= alpha:
+            hi_rank = r
+        else:
+            break
+    return lo_rank, hi_rank
+
+
+def interval_coverage(n: int, q: float, confidence: float = CONFIDENCE) -> float:
+    """The confidence `quantile_interval` actually reaches with n values: `confidence` when n
+    is large enough, less when the interval had to be clipped to (min, max) — e.g. 79% for the
+    10th percentile of 15 samples, 94% for the median of 5 rounds."""
+    lo_rank, hi_rank = _ranks(n, q, confidence)
+    return _binom_cdf(hi_rank - 1, n, q) - _binom_cdf(lo_rank - 1, n, q)
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free `confidence` interval of the median of `values` (see
+    `quantile_interval`); needs >= 6 values for 95% (5 give 94%, reported as min..max)."""
+    return quantile_interval(sorted(values), 0.5, confidence)
+
+
 def summarize(
     samples_ms: list[float],
     number: int = 1,
     warmup_runs: int = 0,
     session_create_ms: float = 0.0,
     keep_samples: bool = True,
+    preempted_samples: int = 0,
+    other_load: float = -1.0,
+    steal: float = -1.0,
 ) -> TimingStats:
-    """Summary statistics of per-call samples (at least one)."""
+    """Summary statistics of per-call samples (at least one, in ms), with the robust figure
+    (ROBUST_QUANTILE) and its interval."""
     assert samples_ms, "summarize needs at least one sample"
     ordered = sorted(samples_ms)
+    low, high = quantile_interval(ordered, ROBUST_QUANTILE)
     return TimingStats(
         median_ms=statistics.median(ordered),
         mean_ms=statistics.fmean(ordered),
@@ -76,4 +174,10 @@ def summarize(
         number=number,
         warmup_runs=warmup_runs,
         session_create_ms=session_create_ms,
+        value_ms=_percentile(ordered, ROBUST_QUANTILE),
+        ci_low_ms=low,
+        ci_high_ms=high,
+        preempted_samples=preempted_samples,
+        other_load=other_load,
+        steal=steal,
     )

@@ -156,6 +156,12 @@ def timing_to_proto(t: TimingStats) -> pb.TimingStats:
         number=t.number,
         warmup_runs=t.warmup_runs,
         session_create_ms=t.session_create_ms,
+        value_ms=t.value_ms,
+        ci_low_ms=t.ci_low_ms,
+        ci_high_ms=t.ci_high_ms,
+        preempted_samples=t.preempted_samples,
+        other_load=t.other_load,
+        steal=t.steal,
     )
 
 
@@ -172,6 +178,12 @@ def timing_from_proto(msg: pb.TimingStats) -> TimingStats:
         number=msg.number,
         warmup_runs=msg.warmup_runs,
         session_create_ms=msg.session_create_ms,
+        value_ms=msg.value_ms,
+        ci_low_ms=msg.ci_low_ms,
+        ci_high_ms=msg.ci_high_ms,
+        preempted_samples=msg.preempted_samples,
+        other_load=msg.other_load,
+        steal=msg.steal,
     )
 
 

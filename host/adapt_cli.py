@@ -22,6 +22,8 @@ import torch
 from host.cli_common import (
     CommandError,
     add_device_options,
+    add_protocol_options,
+    protocol_from_args,
     session_from_args,
     token_from_args,
 )
@@ -100,6 +102,7 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--allow-mismatch", action="store_true")
     p.add_argument("--json", action="store_true", help="print summary.json")
     add_device_options(p)
+    add_protocol_options(p)
     p.set_defaults(run=_adapt)
 
 
@@ -178,13 +181,15 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
             shutil.rmtree(workdir)
         with open_store(args, pool, session, 1) as store:
             ensure_overhead(store, pool, session)
-            calibrate(store, pool, network, session, args.calibrate, args.seed, args.step)
+            protocol = protocol_from_args(args)
+            calibrate(store, pool, network, session, args.calibrate, args.seed, args.step,
+                      protocol)
             estimator = LatencyEstimator.from_store(
                 store, fetch=on_demand(store, pool, session, watch=DeviceWatch.for_session(
                     session, pool.info.default_threads)),
                 architecture=architecture_of(network.specs()))
             engine = NetAdapt(network, splits, estimator, pool, session, config, workdir,
-                              progress=_progress(args))
+                              progress=_progress(args), protocol=protocol)
             try:
                 result = engine.run(resume=args.resume)
             except RunExists as exc:
@@ -206,10 +211,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
         out.write(json.dumps(summary, indent=2) + "\n")
     else:
         out.write(
-            f"{network.name}: {result.original_latency_final_pass_ms:.4f} ms -> "
-            f"{result.final_latency_ms:.4f} ms measured "
-            f"({result.original_latency_final_pass_ms / result.final_latency_ms:.2f}x, budget "
-            f"{result.budget_ms:.4f} ms, estimate {result.estimated_latency_ms:.4f} ms); test "
-            f"accuracy {result.original_accuracy:.4f} -> {result.final_accuracy:.4f}; "
+            f"{network.name}: {result.describe_latency()}; budget "
+            f"{'met' if result.budget_met else 'MISSED'}; test accuracy "
+            f"{result.original_accuracy:.4f} -> {result.final_accuracy:.4f}; "
             f"{result.iterations} iterations in {result.seconds:.0f} s; outputs in {workdir}\n")
     return 0

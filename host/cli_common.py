@@ -18,6 +18,7 @@ from host.devices import TokenFileError, read_token
 from host.pool import FingerprintMismatch
 
 __all__ = ["CommandError", "EXIT_DEVICE", "EXIT_USAGE", "add_device_options",
+           "add_protocol_options", "protocol_from_args",
            "add_model_options", "load_network_from_args", "session_from_args",
            "token_from_args", "run_command", "parse_shape", "parse_command_line"]
 
@@ -71,6 +72,34 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="bearer token for the daemons")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--provider", default=DEFAULT_PROVIDER, help="execution provider")
+
+
+def add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """How whole networks are measured (host/whole_model.py): rounds and interval target."""
+    from host.whole_model import WholeModelProtocol
+
+    d = WholeModelProtocol()
+    g = p.add_argument_group("whole-network measurement (rounds of the robust protocol)")
+    g.add_argument("--min-rounds", type=int, default=d.min_rounds,
+                   help=f"fewest interleaved rounds per network (default {d.min_rounds}: the "
+                        f"fewest with a 95%% interval of the median)")
+    g.add_argument("--max-rounds", type=int, default=d.max_rounds,
+                   help=f"most rounds before a figure is reported not tight (default "
+                        f"{d.max_rounds})")
+    g.add_argument("--target-halfwidth", type=float, default=d.target_halfwidth,
+                   help=f"stop when every 95%% interval is within this fraction of its figure "
+                        f"(default {d.target_halfwidth}, i.e. +-{100 * d.target_halfwidth:.1f}%%)")
+
+
+def protocol_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The WholeModelProtocol the options above ask for."""
+    from host.whole_model import WholeModelProtocol
+
+    try:
+        return WholeModelProtocol(min_rounds=args.min_rounds, max_rounds=args.max_rounds,
+                                  target_halfwidth=args.target_halfwidth)
+    except ValueError as exc:
+        raise CommandError(f"{exc} (--min-rounds, --max-rounds, --target-halfwidth)") from None
 
 
 def token_from_args(args: argparse.Namespace) -> str | None:

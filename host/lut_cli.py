@@ -15,7 +15,9 @@ from host.cli_common import (
     CommandError,
     add_device_options,
     add_model_options,
+    add_protocol_options,
     load_network_from_args,
+    protocol_from_args,
     session_from_args,
     token_from_args,
 )
@@ -81,7 +83,7 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     add_device_options(v)
     _add_lut_path(v)
     v.add_argument("--variants", type=int, default=20)
-    v.add_argument("--passes", type=int, default=3, help="interleaved measurement passes")
+    add_protocol_options(v)
     v.add_argument("--calibrate", type=int, default=10)
     v.add_argument("--step", type=int, default=8)
     v.add_argument("--seed", type=int, default=0)
@@ -173,18 +175,22 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
     with open_pool(args.device, token_from_args(args), args.threads) as pool, \
             open_store(args, pool, session, network.input_shape[0]) as store:
         report = validate(store, pool, network, session, args.variants, args.seed, args.step,
-                          args.passes, args.calibrate)
+                          args.calibrate, protocol_from_args(args))
         lut_path = str(store.path)
     data = report.to_dict()
     data["lut"] = lut_path
     if args.json:
         out.write(json.dumps(data, indent=2) + "\n")
         return 0
-    out.write(f"{'variant':>7} {'estimated ms':>13} {'measured ms':>12} {'error':>8} "
-              f"{'naive sum':>10} {'naive err':>10}\n")
+    out.write(f"{'variant':>7} {'estimated ms':>13} {'measured ms':>12} "
+              f"{'95% interval':>19} {'rounds':>6} {'error':>8} {'naive sum':>10} "
+              f"{'naive err':>10}\n")
     for i, r in enumerate(report.rows):
-        out.write(f"{i:>7} {r.estimated_ms:>13.4f} {r.measured_ms:>12.4f} "
-                  f"{r.rel_error:>+8.1%} {r.naive_ms:>10.4f} {r.naive_rel_error:>+10.1%}\n")
+        interval = f"[{r.measured_low_ms:.4f}, {r.measured_high_ms:.4f}]"
+        flag = "" if r.tight else " (not tight)"
+        out.write(f"{i:>7} {r.estimated_ms:>13.4f} {r.measured_ms:>12.4f} {interval:>19} "
+                  f"{r.rounds:>6} {r.rel_error:>+8.1%} {r.naive_ms:>10.4f} "
+                  f"{r.naive_rel_error:>+10.1%}{flag}\n")
     out.write(
         f"{network.name}: median |error| {report.median_abs_rel_error:.1%}, "
         f"max {report.max_abs_rel_error:.1%} over {len(report.rows)} variants "

@@ -4,7 +4,9 @@ variants of a network.
 `calibrate` measures a few whole variants (seeded apart from validation's) and stores them in
 the table, so the estimator's correction is fitted on them; `validate` draws other variants,
 estimates each from the table (measuring missing units on demand) and measures each whole
-network on the device, in interleaved passes.
+network on the device with the whole-network protocol (host/whole_model.py: interleaved
+rounds until each 95% interval is within the target, or the cap), and reports every variant's
+measured interval beside its error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from device_server.spec import LayerSpec, SessionSpec
 from host.network import Network, random_config
 from host.pool import DevicePool
-from host.whole_model import measure_networks
+from host.whole_model import DEFAULT_PROTOCOL, WholeModelProtocol, measure_networks
 from lut.builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
 from lut.calibration import MODEL_KIND, architecture_of, model_row_key, parse_model_row_key
 from lut.device_watch import DeviceWatch
@@ -52,7 +54,8 @@ def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
 
 
 def calibrate(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
-              count: int = 10, seed: int = 0, step: int = 8, passes: int = 3) -> int:
+              count: int = 10, seed: int = 0, step: int = 8,
+              protocol: WholeModelProtocol = DEFAULT_PROTOCOL) -> int:
     """Ensures the table holds `count` whole-network measurements of this architecture.
 
     Returns how many were measured now.
@@ -82,9 +85,9 @@ def calibrate(store: LutStore, pool: DevicePool, network: Network, session: Sess
             seen.add(key)
             configs.append(config)
     blobs = [network.onnx(c) for c in configs]
-    timings = measure_networks(pool.clients[0], blobs, session, passes)
-    for config, timing in zip(configs, timings, strict=True):
-        store.put(model_row_key(network.specs(config)), timing, kind=MODEL_KIND)
+    rounds = measure_networks(pool.clients[0], blobs, session, protocol)
+    for i, config in enumerate(configs):
+        store.put(model_row_key(network.specs(config)), rounds.timing(i), kind=MODEL_KIND)
     log.info("calibration: measured %d whole networks", len(configs))
     return len(configs)
 
@@ -94,8 +97,16 @@ class VariantCheck:
     config: dict[int, int]
     estimated_ms: float
     naive_ms: float            # plain sum of standalone units, no overhead or correction
-    measured_ms: float         # whole network on the device, median over passes
-    measured_spread: float     # (max - min) / median over passes
+    measured_ms: float         # whole network on the device: median over rounds
+    measured_low_ms: float     # its 95% interval
+    measured_high_ms: float
+    rounds: int
+    tight: bool                # the interval met the protocol's target
+
+    @property
+    def measured_halfwidth(self) -> float:
+        """Half the measured interval relative to the measured figure."""
+        return (self.measured_high_ms - self.measured_low_ms) / 2 / self.measured_ms
 
     @property
     def rel_error(self) -> float:
@@ -108,7 +119,9 @@ class VariantCheck:
     def to_dict(self) -> dict[str, object]:
         return {"config": {str(k): v for k, v in sorted(self.config.items())},
                 "estimated_ms": self.estimated_ms, "naive_ms": self.naive_ms,
-                "measured_ms": self.measured_ms, "measured_spread": self.measured_spread,
+                "measured_ms": self.measured_ms, "measured_low_ms": self.measured_low_ms,
+                "measured_high_ms": self.measured_high_ms, "rounds": self.rounds,
+                "tight": self.tight, "measured_halfwidth": self.measured_halfwidth,
                 "rel_error": self.rel_error, "naive_rel_error": self.naive_rel_error}
 
 
@@ -152,30 +165,34 @@ class ValidationReport:
 
 
 def validate(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
-             variants: int = 20, seed: int = 0, step: int = 8, passes: int = 3,
-             calibration: int = 10) -> ValidationReport:
+             variants: int = 20, seed: int = 0, step: int = 8,
+             calibration: int = 10,
+             protocol: WholeModelProtocol = DEFAULT_PROTOCOL) -> ValidationReport:
     """Estimates vs whole-network measurements for `variants` random pruned variants."""
     t0 = time.monotonic()
     build = BuildReport()
     fetch = on_demand(store, pool, session, build)
     ensure_overhead(store, pool, session)
-    calibrate(store, pool, network, session, calibration, seed, step, passes)
+    calibrate(store, pool, network, session, calibration, seed, step, protocol)
     arch = architecture_of(network.specs())
     estimator = LatencyEstimator.from_store(store, fetch=fetch, architecture=arch)
     rng = random.Random(seed)
     configs = [random_config(network.groups, rng, step) for _ in range(variants)]
     blobs = [network.onnx(c) for c in configs]
-    timings = measure_networks(pool.clients[0], blobs, session, passes)
+    rounds = measure_networks(pool.clients[0], blobs, session, protocol)
     report = ValidationReport(network.name,
                               calibration_samples=estimator.correction.samples)
-    for config, timing in zip(configs, timings, strict=True):
+    for config, fig in zip(configs, rounds.figures(), strict=True):
         specs = network.specs(config)
         report.rows.append(VariantCheck(
             config=config,
             estimated_ms=estimator.estimate(specs),
             naive_ms=estimator.raw_sum(specs),
-            measured_ms=timing.median_ms,
-            measured_spread=(timing.max_ms - timing.min_ms) / timing.median_ms,
+            measured_ms=fig.value,
+            measured_low_ms=fig.low,
+            measured_high_ms=fig.high,
+            rounds=fig.rounds,
+            tight=fig.tight,
         ))
     report.keys_fetched = build.measured
     report.seconds = time.monotonic() - t0

@@ -1,38 +1,180 @@
-"""Whole networks measured on the device: the ground truth a lookup table is checked against.
+"""Whole networks measured on the device: the ground truth a lookup table is checked against
+and the figure every budget decision rests on.
 
-Networks are uploaded once (by content hash) and timed in interleaved passes — every network
-once per pass — so that drift of the device over minutes hits all of them alike; the figure
-kept is the median over passes.
+The protocol (README, "The measurement contract"):
+
+- One **round** is one `MeasureModel` call: warm-up, then many short samples; the daemon takes a
+  sample again when the OS switched it out, and answers with the 10th percentile of the clean
+  samples (`TimingStats.value_ms`) and the other load and steal it saw meanwhile.
+- Rounds are **spread in time and interleaved**: every network once per pass, alternating the
+  order, so a slow burst or drift of the device hits all of them alike. A round during which
+  the hypervisor stole more than `retake_steal` of a core is taken again, not averaged in.
+- A network's figure is the **median over rounds** with its distribution-free 95% interval
+  (order statistics; 6 rounds give the first 95% interval). Passes go on until every interval
+  is narrower than `target_halfwidth` (e.g. +-1.5%), or a caller's decision rule is settled,
+  or `max_rounds` / `max_seconds` is hit: then the figure is reported as not tight.
+- A **ratio** of two networks (a candidate against the original, for a relative budget) is the
+  median over passes of the per-pass ratio, with its interval: the two were measured seconds
+  apart in every pass, so the device's slow drift cancels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import statistics
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from device_server.spec import MeasurePolicy, SessionSpec
-from device_server.stats import TimingStats, summarize
+from device_server.stats import TimingStats, median_interval, summarize
 from host.client import DeviceClient
 
-__all__ = ["WHOLE_MODEL_POLICY", "measure_networks"]
+__all__ = ["WHOLE_MODEL_POLICY", "DEFAULT_PROTOCOL", "WholeModelProtocol", "Figure", "Rounds",
+           "measure_networks"]
 
-WHOLE_MODEL_POLICY = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=20, min_repeat_ms=5)
+log = logging.getLogger(__name__)
+
+# One round: >= 10 warm-up calls and 50 ms, then 60 samples of >= 1 ms (~0.1-0.3 s a round).
+WHOLE_MODEL_POLICY = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=60, min_repeat_ms=1)
+
+
+@dataclass(frozen=True)
+class WholeModelProtocol:
+    """How many rounds, and how tight (see the module docstring)."""
+
+    policy: MeasurePolicy = WHOLE_MODEL_POLICY
+    min_rounds: int = 6              # the fewest with a 95% interval of the median
+    max_rounds: int = 16
+    target_halfwidth: float = 0.015  # relative half-width of the 95% interval to stop at
+    max_seconds: float = 120.0       # per call of measure_networks
+    retake_steal: float = 0.10       # a round with more hypervisor steal is taken again
+    max_retakes: int = 6             # per call, over all networks
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ValueError("need 1 <= min_rounds <= max_rounds")
+        if self.target_halfwidth <= 0:
+            raise ValueError("target_halfwidth must be > 0")
+
+
+DEFAULT_PROTOCOL = WholeModelProtocol()
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A measured figure with its 95% interval: milliseconds, or a ratio of two networks."""
+
+    value: float
+    low: float
+    high: float
+    rounds: int
+    tight: bool          # the interval met the protocol's target half-width
+
+    @property
+    def rel_halfwidth(self) -> float:
+        return (self.high - self.low) / 2 / self.value if self.value > 0 else float("inf")
+
+    def describe(self, unit: str = " ms", digits: int = 4) -> str:
+        flag = "" if self.tight else ", not tight"
+        return (f"{self.value:.{digits}f}{unit} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+                f" ({self.rounds} rounds{flag})")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"value": self.value, "low": self.low, "high": self.high, "rounds": self.rounds,
+                "tight": self.tight}
+
+
+def _figure(values: Sequence[float], target: float) -> Figure:
+    low, high = median_interval(list(values))
+    value = statistics.median(values)
+    tight = len(values) >= 2 and (high - low) / 2 <= target * value
+    return Figure(value, low, high, len(values), tight)
+
+
+@dataclass
+class Rounds:
+    """Per-network robust figures, one per pass, aligned across networks (pass p of network a
+    was measured seconds apart from pass p of network b)."""
+
+    values: list[list[float]]          # [network][pass] ms
+    target_halfwidth: float
+    retaken: int = 0
+    other_load: float = -1.0           # the highest seen in any round; -1 unknown
+    preempted_samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def passes(self) -> int:
+        return len(self.values[0]) if self.values else 0
+
+    def figure(self, i: int) -> Figure:
+        return _figure(self.values[i], self.target_halfwidth)
+
+    def ratio(self, i: int, reference: int) -> Figure:
+        """Network i over network `reference`, per pass (a speedup is 1 / this)."""
+        ratios = [a / b for a, b in zip(self.values[i], self.values[reference], strict=True)]
+        return _figure(ratios, self.target_halfwidth)
+
+    def figures(self) -> list[Figure]:
+        return [self.figure(i) for i in range(len(self.values))]
+
+    def timing(self, i: int) -> TimingStats:
+        """Network i as a stored timing: statistics over its rounds, with the robust figure
+        and interval of `figure(i)` (what a LUT's whole-network rows hold)."""
+        fig = self.figure(i)
+        t = summarize(self.values[i])
+        return dataclasses.replace(t, value_ms=fig.value, ci_low_ms=fig.low,
+                                   ci_high_ms=fig.high,
+                                   preempted_samples=self.preempted_samples,
+                                   other_load=self.other_load)
 
 
 def measure_networks(
     client: DeviceClient,
     blobs: Sequence[bytes],
     session: SessionSpec,
-    passes: int = 3,
-    policy: MeasurePolicy = WHOLE_MODEL_POLICY,
+    protocol: WholeModelProtocol = DEFAULT_PROTOCOL,
+    settled: Callable[[Rounds], bool] | None = None,
     on_pass: Callable[[int], None] | None = None,
-) -> list[TimingStats]:
-    """One distribution per network: the per-pass medians (median of medians is `median_ms`)."""
+) -> Rounds:
+    """Measures every network in interleaved passes until `settled(rounds)` (default: every
+    network's interval is tight) after `protocol.min_rounds` passes, or the protocol's caps.
+
+    Args:
+        client: the device.
+        blobs: ONNX models (uploaded once each, by hash).
+        session: the session options every network is timed under.
+        settled: a decision rule, e.g. "the ratio's interval is clear of the budget".
+    Returns:
+        the rounds; `figure(i)` / `ratio(i, ref)` give the figures with their intervals.
+    Raises:
+        host.client.DeviceError: a measurement failed.
+    """
+    t0 = time.monotonic()
     shas = [client.upload_model(b) for b in blobs]
-    medians: list[list[float]] = [[] for _ in shas]
-    for p in range(passes):
+    rounds = Rounds([[] for _ in shas], protocol.target_halfwidth)
+    done = settled or (lambda r: all(f.tight for f in r.figures()))
+    while rounds.passes < protocol.max_rounds:
+        p = rounds.passes
         order = range(len(shas)) if p % 2 == 0 else reversed(range(len(shas)))
         for i in order:
-            medians[i].append(client.measure_model(shas[i], session, policy).timing.median_ms)
+            while True:
+                timing = client.measure_model(shas[i], session, protocol.policy).timing
+                rounds.preempted_samples += timing.preempted_samples
+                rounds.other_load = max(rounds.other_load, timing.other_load)
+                if timing.steal <= protocol.retake_steal or rounds.retaken >= protocol.max_retakes:
+                    break
+                rounds.retaken += 1
+                log.info("round of network %d taken again: hypervisor steal %.2f cores", i,
+                         timing.steal)
+            rounds.values[i].append(timing.robust_ms)
         if on_pass is not None:
             on_pass(p)
-    return [summarize(m) for m in medians]
+        if rounds.passes >= protocol.min_rounds and (
+            done(rounds) or time.monotonic() - t0 > protocol.max_seconds
+        ):
+            break
+    rounds.seconds = time.monotonic() - t0
+    return rounds

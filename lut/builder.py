@@ -33,10 +33,11 @@ __all__ = ["BuildReport", "DriftGuard", "NoiseGuard", "LUT_POLICY", "REFERENCE_S
 
 log = logging.getLogger(__name__)
 
-# Per key: >= 2 warm-up calls and 2 ms, then 5 samples of >= 1.5 ms each (~10 ms of device
-# time plus session creation). Cheap enough for ~22,000 keys in minutes; errors of single keys
-# average out over the 30-60 units of a network (see `make bench-lut`).
-LUT_POLICY = MeasurePolicy(warmup_runs=2, min_warmup_ms=2.0, repeat=5, min_repeat_ms=1.5)
+# Per key: >= 2 warm-up calls and 2 ms, then 15 samples of >= 0.5 ms each (~10 ms of device
+# time plus session creation, as the 5 samples of 1.5 ms before the robust protocol): many short
+# samples give the 10th percentile something to choose from, and a preempted one is taken
+# again. Cheap enough for ~22,000 keys in minutes (see `make bench-lut`).
+LUT_POLICY = MeasurePolicy(warmup_runs=2, min_warmup_ms=2.0, repeat=15, min_repeat_ms=0.5)
 REFERENCE_SPEC = LayerSpec.create("conv2d", (1, 32, 28, 28), 32, kernel=3, padding=1,
                                   batch_norm=True, activation="relu")
 REFERENCE_KIND = "reference"
@@ -89,7 +90,8 @@ class NoiseGuard:
     A key whose samples spread beyond `max_spread` (max/min) was hit mid-measurement: it is
     measured again, up to `retries` times. A burst that lasts a whole measurement leaves a tight
     but inflated timing that no spread reveals: `passes` > 1 measures every key again later, in
-    another order. Of all measurements of a key, the fastest median is kept. Seen here: ~4% of a
+    another order. Of all measurements of a key, the fastest robust figure (`robust_ms`: the 10th
+    percentile of the samples the daemon did not see preempted) is kept. Seen here: ~4% of a
     full MobileNetV1 table spread over 1.3x, single keys stored at up to 10x their re-measured
     time, and tight keys 30-70% slow in a burst; on a small network one such key moves the
     estimate by tens of percent.
@@ -124,7 +126,7 @@ def measure_into(
         if isinstance(result, Measurement):
             assert result.spec is not None
             before = kept.get(result.spec)
-            if before is None or result.timing.median_ms < before.median_ms:
+            if before is None or result.timing.robust_ms < before.robust_ms:
                 store.put(result.spec, result.timing)
                 kept[result.spec] = result.timing
             if before is None:
@@ -159,7 +161,7 @@ def measure_into(
             log.info("%d keys measured with samples spread over %.1fx: measuring them again",
                      len(todo), noise.max_spread)
             run(todo, on_result)
-    return {spec: timing.median_ms for spec, timing in kept.items()}
+    return {spec: timing.robust_ms for spec, timing in kept.items()}
 
 
 def _merge_device_stats(report: BuildReport, stats: list[DeviceStats]) -> None:
@@ -182,12 +184,12 @@ def ensure_overhead(store: LutStore, pool: DevicePool, session: SessionSpec) -> 
     if row is None:
         timing = pool.clients[0].overhead(session, DriftGuard().policy)
         store.put(OVERHEAD_KEY, timing, kind=OVERHEAD_KIND)
-        return timing.median_ms
-    return row.median_ms
+        return timing.robust_ms
+    return row.robust_ms
 
 
 def _reference(pool: DevicePool, session: SessionSpec, policy: MeasurePolicy) -> list[float]:
-    return [c.measure(REFERENCE_SPEC, session, policy).timing.median_ms for c in pool.clients]
+    return [c.measure(REFERENCE_SPEC, session, policy).timing.robust_ms for c in pool.clients]
 
 
 def build_table(

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 MODEL_KIND = "model"   # LUT rows holding whole-network measurements for calibration
 MIN_SAMPLES = 4
+# A whole-network measurement whose 95% interval is wider than +-5% is not fitted on: one such
+# sample moves the two coefficients more than the error the fit is meant to remove.
+MAX_CALIBRATION_HALFWIDTH = 0.05
+_HALFWIDTH_FLOOR = 0.005  # weights stop growing below +-0.5%: nothing here is known better
 
 
 def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]) -> tuple[float, float]:
@@ -45,8 +49,9 @@ def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]) -> tuple
 @dataclass(frozen=True)
 class CalibrationSample:
     features: tuple[float, float]  # unit_features of the network
-    measured_ms: float            # whole-network median on the device
+    measured_ms: float            # whole-network robust figure on the device
     overhead_ms: float
+    rel_halfwidth: float | None = None  # of its 95% interval; None: unknown (older tables)
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,21 @@ class Correction:
 
 
 def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
-    """Least-squares fit on relative error (each network weighs the same, small or large).
+    """Weighted least-squares fit on relative error: each network weighs by the inverse of its
+    measurement's relative half-width (small or large networks alike); measurements wider than
+    MAX_CALIBRATION_HALFWIDTH are refused, and the log says how many.
 
-    With fewer than MIN_SAMPLES measurements, or a degenerate fit, returns the identity
+    With fewer than MIN_SAMPLES usable measurements, or a degenerate fit, returns the identity
     correction (a plain sum), and says so in the log.
     """
+    noisy = [s for s in samples
+             if s.rel_halfwidth is not None and s.rel_halfwidth > MAX_CALIBRATION_HALFWIDTH]
+    if noisy:
+        log.warning("calibration: %d of %d whole-network measurements refused, their 95%% "
+                    "intervals wider than +-%.0f%% (worst +-%.1f%%); measure them again on a "
+                    "quieter device", len(noisy), len(samples), 100 * MAX_CALIBRATION_HALFWIDTH,
+                    100 * max(s.rel_halfwidth or 0.0 for s in noisy))
+        samples = [s for s in samples if s not in noisy]
     if len(samples) < MIN_SAMPLES:
         if samples:
             log.info("only %d whole-network measurements: estimates are plain sums",
@@ -79,7 +94,9 @@ def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
         return Correction()
     x = np.array([s.features for s in samples], dtype=np.float64)
     y = np.array([s.measured_ms - s.overhead_ms for s in samples], dtype=np.float64)
-    weights = 1.0 / np.array([s.measured_ms for s in samples])
+    halfwidths = np.array([max(s.rel_halfwidth or _HALFWIDTH_FLOOR, _HALFWIDTH_FLOOR)
+                           for s in samples])
+    weights = 1.0 / (np.array([s.measured_ms for s in samples]) * halfwidths)
     # With one architecture N is constant and acts as the intercept.
     coef, *_ = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)
     if np.all(np.isfinite(coef)) and coef[0] > 0:

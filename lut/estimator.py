@@ -143,7 +143,7 @@ class LatencyEstimator:
                 f"{store.path} has no per-call overhead measurement; build it with "
                 f"`netadapt-host lut build`"
             )
-        est = cls(store.load_medians(), overhead.median_ms, fetch=fetch, interpolate=interpolate)
+        est = cls(store.load_values(), overhead.robust_ms, fetch=fetch, interpolate=interpolate)
         est.correction = fit_correction(est.calibration_samples(store, architecture))
         return est
 
@@ -163,7 +163,9 @@ class LatencyEstimator:
             except LutMissingKeyError:
                 continue
             samples.append(CalibrationSample(unit_features(units, specs),
-                                             timing.median_ms, self.overhead_ms))
+                                             timing.robust_ms, self.overhead_ms,
+                                             timing.rel_halfwidth if timing.value_ms > 0
+                                             else None))
         return samples
 
     def refit(self, samples: Sequence[CalibrationSample]) -> Correction:

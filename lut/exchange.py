@@ -49,8 +49,15 @@ _TIMING_FIELDS = (
     "median_ms", "mean_ms", "std_ms", "p90_ms", "min_ms", "max_ms",
     "samples_count", "number", "warmup_runs", "session_create_ms",
 )  # fmt: skip
-_INT_FIELDS = frozenset({"samples_count", "number", "warmup_runs"})
-_ROW_COLUMNS = ("kind", "op", "label", "macs", *_TIMING_FIELDS, "measured_at", "key", "samples_ms")
+# The robust figure and what interfered (schema 2): optional on import (older exports lack
+# them); other_load and steal are -1 when the device could not read them.
+_ROBUST_FIELDS = ("value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples", "other_load",
+                  "steal")
+_ROBUST_DEFAULTS = {"value_ms": 0.0, "ci_low_ms": 0.0, "ci_high_ms": 0.0,
+                    "preempted_samples": 0, "other_load": -1.0, "steal": -1.0}
+_INT_FIELDS = frozenset({"samples_count", "number", "warmup_runs", "preempted_samples"})
+_ROW_COLUMNS = ("kind", "op", "label", "macs", *_TIMING_FIELDS, *_ROBUST_FIELDS, "measured_at",
+                "key", "samples_ms")
 _IDENTITY_COLUMNS = (
     "device_fingerprint", "ort_version", "provider", "intra_op_threads", "graph_optimization",
     "provider_options", "batch_size",
@@ -95,7 +102,7 @@ def _record(row: LutRow) -> dict[str, object]:
     """A row as a flat dict (JSON-ready; samples as a list)."""
     t = row.timing
     out: dict[str, object] = {"kind": row.kind, "op": row.op, "label": row.label, "macs": row.macs}
-    out.update({name: getattr(t, name) for name in _TIMING_FIELDS})
+    out.update({name: getattr(t, name) for name in (*_TIMING_FIELDS, *_ROBUST_FIELDS)})
     out["measured_at"] = row.measured_at.astimezone(UTC).isoformat(timespec="microseconds")
     out["key"] = row.key
     out["samples_ms"] = list(t.samples_ms)
@@ -175,6 +182,16 @@ def _row_from_record(rec: dict[str, object], where: str) -> LutRow:
             values[name] = int(raw) if name in _INT_FIELDS else float(raw)
             if not math.isfinite(values[name]) or values[name] < 0:
                 raise ValueError(f"not a finite non-negative number: {raw!r}")
+        for name in _ROBUST_FIELDS:
+            raw = rec.get(name)
+            if raw is None or raw == "":
+                values[name] = _ROBUST_DEFAULTS[name]
+                continue
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError(f"not a number: {raw!r}")
+            values[name] = int(raw) if name in _INT_FIELDS else float(raw)
+            if not math.isfinite(values[name]) or values[name] < _ROBUST_DEFAULTS[name]:
+                raise ValueError(f"not a finite number >= {_ROBUST_DEFAULTS[name]}: {raw!r}")
         name = "samples_ms"
         samples = rec.get("samples_ms") or []
         if isinstance(samples, str):
@@ -201,6 +218,12 @@ def _row_from_record(rec: dict[str, object], where: str) -> LutRow:
         number=int(values["number"]),
         warmup_runs=int(values["warmup_runs"]),
         session_create_ms=float(values["session_create_ms"]),
+        value_ms=float(values["value_ms"]),
+        ci_low_ms=float(values["ci_low_ms"]),
+        ci_high_ms=float(values["ci_high_ms"]),
+        preempted_samples=int(values["preempted_samples"]),
+        other_load=float(values["other_load"]),
+        steal=float(values["steal"]),
     )
     return LutRow(key=key, kind=kind, timing=timing, measured_at=measured_at)
 

@@ -66,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump together with a `register_migration(SCHEMA_VERSION - 1)` function
+SCHEMA_VERSION = 2  # bump together with a `register_migration(SCHEMA_VERSION - 1)` function
 FORMAT_NAME = "netadapt-lut"
 DEFAULT_KIND = "unit"  # one fusion unit; others: "overhead", "reference", "model:<sha>"
 
@@ -268,6 +268,7 @@ _COLUMNS = (
     "kind", "key", "op", "label", "macs",
     "median_ms", "mean_ms", "std_ms", "p90_ms", "min_ms", "max_ms",
     "n", "number", "warmup_runs", "session_create_ms", "samples_json", "measured_at",
+    "value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples", "other_load", "steal",
 )  # fmt: skip
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM lut_rows"
 _UPSERT = (
@@ -287,12 +288,13 @@ def _row_values(row: LutRow) -> _Values:
         t.median_ms, t.mean_ms, t.std_ms, t.p90_ms, t.min_ms, t.max_ms,
         t.samples_count, t.number, t.warmup_runs, t.session_create_ms, samples,
         _utc_text(row.measured_at),
+        t.value_ms, t.ci_low_ms, t.ci_high_ms, t.preempted_samples, t.other_load, t.steal,
     )  # fmt: skip
 
 
 def _row_from_db(r: tuple[Any, ...]) -> LutRow:
     (kind, key, op, label, macs, median, mean, std, p90, lo, hi, n, number, warmup, create,
-     samples, measured_at) = r  # fmt: skip
+     samples, measured_at, value, ci_low, ci_high, preempted, other_load, steal) = r  # fmt: skip
     timing = TimingStats(
         median_ms=float(median),
         mean_ms=float(mean),
@@ -305,6 +307,12 @@ def _row_from_db(r: tuple[Any, ...]) -> LutRow:
         number=int(number),
         warmup_runs=int(warmup),
         session_create_ms=float(create),
+        value_ms=float(value or 0.0),
+        ci_low_ms=float(ci_low or 0.0),
+        ci_high_ms=float(ci_high or 0.0),
+        preempted_samples=int(preempted or 0),
+        other_load=-1.0 if other_load is None else float(other_load),
+        steal=-1.0 if steal is None else float(steal),
     )
     return LutRow(
         key=str(key),
@@ -371,6 +379,17 @@ _SCHEMA_V1 = (
     )""",
 )
 
+
+
+@register_migration(1)
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """The robust figure and its interval, and what interfered (issue: trustworthy latency).
+    Rows measured before keep 0 / NULL and are read by their median."""
+    for column in ("value_ms REAL NOT NULL DEFAULT 0", "ci_low_ms REAL NOT NULL DEFAULT 0",
+                   "ci_high_ms REAL NOT NULL DEFAULT 0",
+                   "preempted_samples INTEGER NOT NULL DEFAULT 0", "other_load REAL",
+                   "steal REAL"):
+        conn.execute(f"ALTER TABLE lut_rows ADD COLUMN {column}")
 
 def _table_names(conn: sqlite3.Connection) -> list[str]:
     rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -663,11 +682,13 @@ class LutStore:
                 out.append(key)
         return out
 
-    def load_medians(self, kind: str = DEFAULT_KIND) -> dict[str, float]:
-        """key -> median_ms of every row of `kind`, for fast in-memory estimates."""
+    def load_values(self, kind: str = DEFAULT_KIND) -> dict[str, float]:
+        """key -> the robust figure (`TimingStats.robust_ms`: value_ms, or median_ms for rows
+        measured before the robust protocol) of every row of `kind`, for fast estimates."""
         with self._lock:
             rows = self._connection().execute(
-                "SELECT key, median_ms FROM lut_rows WHERE kind = ?", (kind,)
+                "SELECT key, CASE WHEN value_ms > 0 THEN value_ms ELSE median_ms END "
+                "FROM lut_rows WHERE kind = ?", (kind,)
             )
             return {str(k): float(m) for k, m in rows}
 

@@ -22,6 +22,7 @@ from host.lut_validation import calibrate, on_demand
 from host.models.mobilenet_v1 import MobileNetV1
 from host.network import Network, analyse
 from host.pool import DevicePool
+from host.whole_model import WholeModelProtocol
 from lut.builder import ensure_overhead, identity_for
 from lut.calibration import architecture_of
 from lut.estimator import LatencyEstimator
@@ -47,7 +48,8 @@ def small_table(address: str, path: Path) -> Table:
     store = LutStore.open(path, identity_for(pool.info, SESSION))
     ensure_overhead(store, pool, SESSION)
     net = small_network()
-    calibrate(store, pool, net, SESSION, count=5, passes=1)
+    calibrate(store, pool, net, SESSION, count=5,
+              protocol=WholeModelProtocol(min_rounds=2, max_rounds=2))
     est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
                                       architecture=architecture_of(net.specs()))
     return pool, store, est

@@ -39,7 +39,13 @@ def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, 
     assert result.final_latency_ms < result.original_latency_final_pass_ms
     # The engine stops only once the device measured the network within the budget.
     measured = [r.measured_latency_ms for r in result.history if r.measured_latency_ms]
-    assert measured and measured[-1] <= result.budget_ms
+    assert measured
+    # ... decided on the interval of its ratio to the original, measured in the same passes.
+    check = result.history[-1].budget_check
+    assert check is not None and check["figure"] == "ratio to original"
+    assert check["decision"] == "met" and check["high"] <= check["limit"] == 0.6
+    assert check["low"] <= check["value"] <= check["high"] and check["rounds"] >= 6
+    assert result.final_ratio is not None and result.budget_fraction == 0.6
     ests = [r.estimated_latency_ms for r in result.history]
     assert ests == sorted(ests, reverse=True)
     summary = write_outputs(tmp_path / "run", result, engine.final_model, engine.network,

@@ -217,19 +217,23 @@ def _cli(*argv: str) -> tuple[int, str, str]:
 def test_validate_cli_reports_errors_as_json(daemon: RunningServer, tmp_path: Path) -> None:
     code, out, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
                           "--lut", str(tmp_path / "t.sqlite"), "--variants", "3",
-                          "--calibrate", "4", "--passes", "1", "--json")
+                          "--calibrate", "4", "--min-rounds", "3", "--max-rounds", "3",
+                          "--json")
     assert code == 0, err
     data = json.loads(out)
     assert len(data["rows"]) == 3
     assert 0 <= data["median_abs_rel_error"] <= data["max_abs_rel_error"]
     assert all(r["measured_ms"] > 0 and r["estimated_ms"] > 0 for r in data["rows"])
+    # Every variant carries its measured interval, around its figure, from its 3 rounds.
+    assert all(r["measured_low_ms"] <= r["measured_ms"] <= r["measured_high_ms"]
+               and r["rounds"] == 3 for r in data["rows"])
 
 
 def test_table_from_other_conditions_is_refused(daemon: RunningServer, tmp_path: Path) -> None:
     path = tmp_path / "t.sqlite"
     code, _, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
                         "--lut", str(path), "--variants", "1", "--calibrate", "0",
-                        "--passes", "1")
+                        "--min-rounds", "1", "--max-rounds", "1")
     assert code == 0, err
     code, _, err = _cli("lut", "validate", "--model", "tiny_cnn", "--device", daemon.address,
                         "--lut", str(path), "--variants", "1", "--threads", "2")

@@ -86,7 +86,7 @@ def test_create_reopen_round_trip(tmp_path: Path) -> None:
         assert store.get(spec(7)) is None
         assert spec(2) in store and spec(7) not in store and "session" not in store
         assert store.get("session", kind="overhead") == timing(9)
-        assert store.load_medians() == {spec(i).key(): timing(j).median_ms
+        assert store.load_values() == {spec(i).key(): timing(j).robust_ms
                                         for i, j in ((0, 5), (1, 1), (2, 2), (3, 3))}  # fmt: skip
         row = store.get_row(spec(2))
         assert row is not None and row.spec == spec(2) and row.op == "conv2d"
@@ -239,23 +239,42 @@ def test_registered_migration_upgrades_old_file(
     path = tmp_path / "lut.sqlite"
     fill(path, 3)
     calls: list[int] = []
+    old, new = SCHEMA_VERSION, SCHEMA_VERSION + 1
 
-    def v1_to_v2(conn: sqlite3.Connection) -> None:
+    def upgrade(conn: sqlite3.Connection) -> None:
         calls.append(1)
         conn.execute("ALTER TABLE lut_rows ADD COLUMN energy_mj REAL")
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(store_module, "_MIGRATIONS", {})
-    with pytest.raises(LutSchemaError, match="no migration from schema 1 to 2"):
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", new)
+    monkeypatch.setattr(store_module, "_MIGRATIONS", dict(store_module._MIGRATIONS))
+    with pytest.raises(LutSchemaError, match=f"no migration from schema {old} to {new}"):
         LutStore.open(path, IDENT)
-    store_module.register_migration(1)(v1_to_v2)
+    store_module.register_migration(old)(upgrade)
     for _ in range(2):  # the second open finds it done
         with LutStore.open(path, IDENT) as store:
-            assert store.schema_version == 2 and store.get(spec(2)) == timing(2)
+            assert store.schema_version == new and store.get(spec(2)) == timing(2)
     assert calls == [1]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == new
     conn.close()
+
+
+def test_schema_1_rows_are_read_by_their_median(tmp_path: Path) -> None:
+    """A table from before the robust protocol (schema 1) opens upgraded; its rows have no
+    robust figure, so estimates read their medians."""
+    path = tmp_path / "lut.sqlite"
+    fill(path, 2)
+    with sqlite3.connect(path) as conn:  # back to what a schema-1 file holds
+        for column in ("value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples",
+                       "other_load", "steal"):
+            conn.execute(f"ALTER TABLE lut_rows DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with LutStore.open(path, IDENT) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        row = store.get(spec(1))
+        assert row is not None and row.value_ms == 0 and row.robust_ms == row.median_ms
+        assert store.load_values() == {spec(i).key(): timing(i).median_ms for i in range(2)}
 
 
 # -- concurrency and crashes ----------------------------------------------------------------------
@@ -306,7 +325,7 @@ def test_threads_share_one_store(tmp_path: Path) -> None:
         def work(offset: int) -> None:
             for i in range(offset, offset + 25):
                 store.put(spec(i), timing(i))
-                store.load_medians()
+                store.load_values()
 
         threads = [threading.Thread(target=work, args=(k * 25,)) for k in range(4)]
         for t in threads:

@@ -7,6 +7,14 @@
     measure Net on the device; if it misses Bud, tighten the estimate's target and go on
     long-term fine-tune Net
 
+Budget decisions rest on intervals, never on one figure (host/whole_model.py): a relative
+budget is checked as the ratio of the candidate to the original network measured in the same
+interleaved passes; an absolute one on the candidate's own interval. The budget is met when
+the interval lies at or below it, missed when above; in between the device measures more
+passes, and only at the protocol's cap does the point figure decide (recorded as such). Once
+the estimate is within `MEASURE_WITHIN` of its target every iteration is measured, so a table
+that over-estimates cannot carry the run far past the budget unmeasured.
+
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
 every random choice is seeded from (seed, iteration, group), and the lookup table keeps every
@@ -41,7 +49,13 @@ from host.graph.onnx_export import export_onnx
 from host.network import Network
 from host.pool import DevicePool
 from host.training import TrainConfig, evaluate, train
-from host.whole_model import measure_networks
+from host.whole_model import (
+    DEFAULT_PROTOCOL,
+    Figure,
+    Rounds,
+    WholeModelProtocol,
+    measure_networks,
+)
 from lut.estimator import LatencyEstimator
 from lut.keys import candidate_counts
 
@@ -50,6 +64,7 @@ __all__ = ["NetAdapt", "AdaptResult", "IterationRecord", "BudgetUnreachable", "R
 log = logging.getLogger(__name__)
 
 STATE_FILE = "checkpoints/state.pt"
+MEASURE_WITHIN = 0.15   # measure every iteration once the estimate is this close to its target
 
 
 class BudgetUnreachable(ValueError):
@@ -74,6 +89,9 @@ class IterationRecord:
     accuracy_after_bn: float
     proposals: list[dict[str, Any]]
     seconds: dict[str, float]
+    # The budget check after this iteration, when one was made: the figure (ms or ratio to
+    # the original) with its interval, and what it decided ("met", "missed", or "... at cap").
+    budget_check: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -96,13 +114,54 @@ class AdaptResult:
     iterations: int
     history: list[IterationRecord] = field(default_factory=list)
     seconds: float = 0.0
+    budget_fraction: float | None = None  # a relative budget (e.g. 0.5); None when absolute
+    # The final pass: both networks, and the final over the original per pass, with intervals.
+    final_figure: Figure | None = None
+    original_final_figure: Figure | None = None
+    final_ratio: Figure | None = None
+
+    @property
+    def speedup(self) -> float:
+        """Original over final, both measured in the final interleaved passes."""
+        if self.final_ratio is not None:
+            return 1 / self.final_ratio.value
+        return self.original_latency_final_pass_ms / self.final_latency_ms
+
+    @property
+    def budget_met(self) -> bool:
+        """By the final passes: the ratio for a relative budget, the latency for an absolute."""
+        if self.budget_fraction is not None and self.final_ratio is not None:
+            return self.final_ratio.value <= self.budget_fraction
+        return self.final_latency_ms <= self.budget_ms
+
+    def describe_latency(self) -> str:
+        """One line: the measured result against the budget, in the budget's own terms."""
+        if self.budget_fraction is not None and self.final_ratio is not None:
+            r = self.final_ratio
+            return (f"{self.original_latency_final_pass_ms:.4f} ms -> "
+                    f"{self.final_latency_ms:.4f} ms measured in the same passes: "
+                    f"{r.value:.3f} of the original [{r.low:.3f}, {r.high:.3f}] = "
+                    f"{self.speedup:.2f}x, budget {self.budget_fraction:.3f} "
+                    f"({1 / self.budget_fraction:.2f}x), estimate "
+                    f"{self.estimated_latency_ms:.4f} ms")
+        f = self.final_figure
+        interval = f" [{f.low:.4f}, {f.high:.4f}]" if f is not None else ""
+        return (f"{self.final_latency_ms:.4f} ms{interval} measured ({self.speedup:.2f}x the "
+                f"original's {self.original_latency_final_pass_ms:.4f} ms in the same passes), "
+                f"budget {self.budget_ms:.4f} ms, estimate {self.estimated_latency_ms:.4f} ms")
 
     def summary(self) -> dict[str, Any]:
         return {
             "original_latency_ms": self.original_latency_ms,
             "final_latency_ms": self.final_latency_ms,
             "original_latency_final_pass_ms": self.original_latency_final_pass_ms,
-            "speedup": self.original_latency_final_pass_ms / self.final_latency_ms,
+            "speedup": self.speedup,
+            "budget_fraction": self.budget_fraction,
+            "budget_met": self.budget_met,
+            "final_figure": self.final_figure.to_dict() if self.final_figure else None,
+            "original_final_figure": (self.original_final_figure.to_dict()
+                                      if self.original_final_figure else None),
+            "final_ratio": self.final_ratio.to_dict() if self.final_ratio else None,
             "budget_ms": self.budget_ms,
             "estimated_latency_ms": self.estimated_latency_ms,
             "original_accuracy": self.original_accuracy,
@@ -140,6 +199,7 @@ class NetAdapt:
         workdir: Path,
         progress: bool = True,
         on_iteration: Callable[[IterationRecord], None] | None = None,
+        protocol: WholeModelProtocol = DEFAULT_PROTOCOL,
     ) -> None:
         self.network = network
         self.splits = splits
@@ -151,6 +211,7 @@ class NetAdapt:
         self.progress = progress
         self.on_iteration = on_iteration
         self.metric = make_metric(config.metric, estimator)
+        self.protocol = protocol
         self.timings = {"lookup_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0,
                         "measure_s": 0.0}
 
@@ -158,12 +219,55 @@ class NetAdapt:
     def _estimate(self, config: dict[int, int]) -> float:
         return self.estimator.estimate(self.network.specs(config))
 
-    def _measure(self, models: list[nn.Module], passes: int = 3) -> list[float]:
+    def _measure(self, models: list[nn.Module],
+                 settled: Callable[[Rounds], bool] | None = None) -> Rounds:
         t0 = time.perf_counter()
         blobs = [export_onnx(m, self.network.input_shape) for m in models]
-        timings = measure_networks(self.pool.clients[0], blobs, self.session, passes)
+        rounds = measure_networks(self.pool.clients[0], blobs, self.session, self.protocol,
+                                  settled)
         self.timings["measure_s"] += time.perf_counter() - t0
-        return [t.median_ms for t in timings]
+        return rounds
+
+    def _check_budget(self, state: _State, model: nn.Module) -> tuple[bool, float, dict[str, Any]]:
+        """Measures `model` against the budget (see the module docstring).
+
+        Returns:
+            (met, measured/budget as a fraction, the record for history.jsonl).
+        """
+        fraction = self.config.budget.fraction
+        if fraction is not None:
+            def interval(r: Rounds) -> Figure:
+                return r.ratio(1, 0)
+            limit = fraction
+            rounds = self._measure([self.network.model, model], self._settled(interval, limit))
+        else:
+            def interval(r: Rounds) -> Figure:
+                return r.figure(0)
+            limit = state.budget_ms
+            rounds = self._measure([model], self._settled(interval, limit))
+        fig = interval(rounds)
+        if fig.high <= limit:
+            decision = "met"
+        elif fig.low > limit:
+            decision = "missed"
+        else:
+            decision = ("met" if fig.value <= limit else "missed") + " at cap (interval straddles)"
+        measured_ms = rounds.figure(len(rounds.values) - 1).value
+        record = {"figure": "ratio to original" if fraction is not None else "latency ms",
+                  "limit": limit, "decision": decision, "measured_ms": measured_ms,
+                  "retaken_rounds": rounds.retaken, "other_load": rounds.other_load,
+                  **fig.to_dict()}
+        log.info("budget check: %s %s vs %.4f: %s", record["figure"], fig.describe(unit=""),
+                 limit, decision)
+        return decision.startswith("met"), fig.value / limit, record
+
+    @staticmethod
+    def _settled(interval: Callable[[Rounds], Figure], limit: float
+                 ) -> Callable[[Rounds], bool]:
+        def settled(r: Rounds) -> bool:
+            fig = interval(r)
+            return fig.high <= limit or fig.low > limit
+        return settled
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(epochs=1, batch_size=self.config.batch_size, lr=self.config.lr,
@@ -224,7 +328,9 @@ class NetAdapt:
             history = self._read_history(state.iteration)
             log.info("resuming %s after iteration %d", self.workdir, state.iteration)
         else:
-            (original_ms,) = self._measure([base])
+            original = self._measure([base]).figure(0)
+            log.info("original network measured %s", original.describe())
+            original_ms = original.value
             budget = cfg.budget.resolve(original_ms)
             state = _State(0, base, self.network.full_config(), original_ms, budget, budget,
                            evaluate(base, self.splits.holdout), {})
@@ -258,28 +364,23 @@ class NetAdapt:
         cfg = self.config
         while state.iteration < cfg.max_iterations:
             estimate = self._estimate(state.config)
-            if estimate <= state.estimate_target_ms:
-                (measured,) = self._measure([state.model])
-                if measured > state.budget_ms:
-                    # Other load on the device only ever adds time (here: the host's own
-                    # training beside a loopback daemon): confirm a miss before acting on it.
-                    (again,) = self._measure([state.model])
-                    log.info("measured %.4f ms, then %.4f ms", measured, again)
-                    measured = min(measured, again)
-                state.measured[state.iteration] = measured
+            checked = state.measured.get(state.iteration) is not None
+            if not checked and estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN):
+                met, over, check = self._check_budget(state, state.model)
+                state.measured[state.iteration] = check["measured_ms"]
                 if history:
-                    history[-1].measured_latency_ms = measured
+                    history[-1].measured_latency_ms = check["measured_ms"]
+                    history[-1].budget_check = check
                     self._write_history(history)
-                if measured <= state.budget_ms:
-                    log.info("measured %.4f ms <= budget %.4f ms", measured, state.budget_ms)
+                if met:
                     break
-                # The device disagrees with the table: aim the estimate below this network's
-                # by the measured miss, so the next check needs another pruning step.
-                state.estimate_target_ms = min(state.estimate_target_ms,
-                                               estimate) * state.budget_ms / measured
-                log.info("measured %.4f ms > budget %.4f ms: estimate target now %.4f ms",
-                         measured, state.budget_ms, state.estimate_target_ms)
-                continue
+                if estimate <= state.estimate_target_ms:
+                    # The device disagrees with the table: aim the estimate below this
+                    # network's by the measured miss, so the next check needs another step.
+                    state.estimate_target_ms = min(state.estimate_target_ms, estimate) / over
+                    log.info("budget missed by %.1f%%: estimate target now %.4f ms",
+                             100 * (over - 1), state.estimate_target_ms)
+                    continue
             i = state.iteration
             target = cfg.initial_reduction * original_metric * cfg.decay ** i
             t0 = time.perf_counter()
@@ -363,7 +464,10 @@ class NetAdapt:
             train(model, self.splits.train, dataclasses.replace(
                 self._train_config(), epochs=cfg.long_term_epochs, lr=cfg.lr / 2),
                 progress=self.progress)
-        original_pass, final_ms = self._measure([self.network.model, model])
+        rounds = self._measure([self.network.model, model],
+                               lambda r: r.ratio(1, 0).tight)
+        original_fig, final_fig = rounds.figures()
+        original_pass, final_ms = original_fig.value, final_fig.value
         result = AdaptResult(
             workdir=self.workdir,
             original_latency_ms=state.original_latency_ms,
@@ -378,6 +482,10 @@ class NetAdapt:
             iterations=state.iteration,
             history=history,
             seconds=time.perf_counter() - t_start,
+            budget_fraction=cfg.budget.fraction,
+            final_figure=final_fig,
+            original_final_figure=original_fig,
+            final_ratio=rounds.ratio(1, 0),
         )
         self.final_model = model
         self.final_config = state.config

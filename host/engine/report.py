@@ -111,10 +111,10 @@ def write_outputs(workdir: Path, result: AdaptResult, model: nn.Module, network:
         f"| holdout accuracy | {result.original_holdout_accuracy:.4f} | "
         f"{result.final_holdout_accuracy:.4f} |",
         "",
-        f"Budget {result.budget_ms:.4f} ms ({config.budget.describe()}); measured speedup "
-        f"{result.original_latency_final_pass_ms / result.final_latency_ms:.2f}x; estimate of "
-        f"the final network {result.estimated_latency_ms:.4f} ms; {result.iterations} "
-        f"iterations in {result.seconds:.0f} s.",
+        f"Budget {config.budget.describe()} ({result.budget_ms:.4f} ms at the start). Final "
+        f"interleaved passes: {result.describe_latency()} (95% intervals, "
+        f"{'met' if result.budget_met else 'missed'}); {result.iterations} iterations in "
+        f"{result.seconds:.0f} s.",
         "",
         "![accuracy vs latency](accuracy_vs_latency.png)",
         "",
