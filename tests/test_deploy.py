@@ -6,9 +6,11 @@ The adb path is the ssh path after `adb forward`; adb itself needs a phone, so i
 lines are tested with a stand-in `adb` that records them. The Termux branch of the device
 script is run with a stand-in `pkg`.
 
-The namespace test needs root, `ip` and OpenSSH (`.ci/run` installs openssh-server); without
-them it is skipped with the reason. The device's packages come from PyPI through pip's cache,
-as a wheelhouse (the namespace has no route to the internet, like many phones on a lab network).
+The namespace test needs root, `ip` and OpenSSH (`make test` installs openssh-server where it
+can); without them it is skipped with the reason. The device's packages are downloaded by this
+host for the device's machine, Python and glibc (`--download-wheels`, through pip's cache): the
+namespace has no route to the internet, like many phones on a lab network.
+tests/test_deploy_arm.py does the same on an aarch64 userland.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pytest
 
 from host import bench_cli
 from host.client import DeviceClient, DeviceError
-from host.deploy import adb
+from host.deploy import adb, wheels
 from host.deploy.bundle import (
     MANIFEST_NAME,
     REQUIREMENTS_NAME,
@@ -121,6 +123,38 @@ def test_cli_usage_errors_are_one_line_without_traceback(capsys: pytest.CaptureF
     assert code == 2 and "loopback" in err and err.count("\n") == 1
     code, _, err = run_cli("deploy", "--device", "ssh://h", "--wheelhouse", "/nonexistent")
     assert code == 2 and "not a directory" in err
+    code, _, err = run_cli("deploy", "--device", "ssh://h", "--wheelhouse", "/tmp",
+                           "--download-wheels")
+    assert code == 2 and "exclude each other" in err and err.count("\n") == 1
+    code, _, _ = run_cli("deploy", "--device", "ssh://h", "--cpus", "7-4")
+    err = capsys.readouterr().err
+    assert code == 2 and "not a CPU list: '7-4'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--platform", "armv7l"], "no onnxruntime wheels for 32-bit ARM"),
+        (["--platform", "termux"], "Termux installs numpy, grpcio and onnxruntime with pkg"),
+        (["--platform", "sparc64"], "expected aarch64 (arm64) or x86_64"),
+        (["--platform", "aarch64", "--python-version", "3"], "not a version like 3.11"),
+        (["--platform", "aarch64", "--glibc", "two"], "not a version like 2.28"),
+    ],
+)
+def test_wheels_command_refuses_what_pypi_cannot_serve(argv: list[str], message: str) -> None:
+    code, out, err = run_cli("wheels", *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_wheel_tags_for_a_device() -> None:
+    target = wheels.parse_target("arm64", "3.11", "2.28")
+    tags = target.platform_tags()
+    assert tags[0] == "manylinux_2_28_aarch64" and tags[-1] == "manylinux2014_aarch64"
+    assert "manylinux_2_17_aarch64" in tags and "manylinux_2_29_aarch64" not in tags
+    assert target.python_tag == "cp311"
+    assert wheels.parse_target("amd64", "3.12", "2.17").platform_tags()[-3:] == [
+        "manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]
 
 
 def test_ssh_command_line() -> None:
@@ -229,8 +263,13 @@ def test_script_quotes_settings_and_probes_an_empty_device(tmp_path: Path) -> No
     done = _run_script(render_script(("probe",), settings))
     assert done.returncode == 0, done.stderr
     report = parse_report(done.stdout)
+    libc = report.values.pop("libc", "")  # what the wheels must fit, where getconf says
     assert report.values == {"platform": "linux", "machine": os.uname().machine,
-                             "env": "stale", "token": "absent"}
+                             "env": "stale", "token": "absent"}  # no Python: none probed
+    assert libc == "" or libc.startswith("glibc ")
+    probe = parse_report(_run_script(render_script(
+        ("probe",), RemoteSettings(remote_dir=str(odd), python=sys.executable))).stdout)
+    assert probe.get("python") == "{}.{}".format(*sys.version_info[:2])
     done = _run_script(render_script(("write_token", "read_token", "probe"), settings))
     assert done.returncode == 0, done.stderr
     assert parse_report(done.stdout).get("token_value") == "t'$x"
@@ -386,20 +425,6 @@ def device_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceHost
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The device's wheels, downloaded from PyPI by this host (pip's cache makes it quick)."""
-    out = tmp_path_factory.mktemp("wheels")
-    requirements = out / "requirements.txt"
-    requirements.write_text("\n".join(device_requirements()) + "\n")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                           "--disable-pip-version-check", "--only-binary=:all:",
-                           "-d", str(out), "-r", str(requirements)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"pip download of the device's wheels failed:\n{done.stderr}"
-    return out
-
-
 def _measure(address: str, token_file: Path) -> float:
     out, err = io.StringIO(), io.StringIO()
     code = bench_cli.main(["--device", address, "--token-file", str(token_file), "--json",
@@ -431,7 +456,7 @@ def _not_serving(address: str) -> bool:
 
 
 def test_deploy_measure_redeploy_stop_on_a_second_host(
-    device_host: DeviceHost, wheelhouse: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    device_host: DeviceHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NETADAPT_HOME", str(tmp_path / "home"))
     remote = tmp_path / "on-device"  # the namespace shares the file system; not the network
@@ -442,11 +467,15 @@ def test_deploy_measure_redeploy_stop_on_a_second_host(
     token_file = tmp_path / "home" / "devices" / f"root@{device_host.address}_8022.token"
     device_python = str(Path(sys.base_prefix) / "bin" / "python3")  # not this venv: no torch
 
-    # First deploy: a venv on the device from the wheelhouse, a new token, the daemon started.
-    code, out, err = run_cli("deploy", *common, "--python", device_python,
-                             "--wheelhouse", str(wheelhouse))
+    # First deploy: the device's wheels fetched here for its machine, Python and glibc (the
+    # namespace has no route to the internet), a venv from them, a new token, the daemon
+    # started and pinned to CPU 0.
+    code, out, err = run_cli("deploy", *common, "--python", device_python, "--download-wheels",
+                             "--cpus", "0")
     assert code == 0, err
-    assert "token (new)" in out and "Python packages installed" in out
+    assert "token (new)" in out and "Python packages installed from" in out
+    assert f"serving at {address}, pinned to cpu0\n" in out
+    assert re.search(rf"  device: {os.uname().machine} Linux.*: \d+x ", out), out
     assert (f"netadapt-host adapt --device {address} --token-file {token_file}\n") in out
     token = token_file.read_text().strip()
     assert len(token) >= 40 and (remote / "token").read_text().strip() == token
@@ -465,16 +494,34 @@ def test_deploy_measure_redeploy_stop_on_a_second_host(
     assert "include-system-site-packages = false" in (remote / "venv" / "pyvenv.cfg").read_text()
     assert not (remote / "app" / "host").exists()
 
-    # A layer measured through the deployed daemon, from this host over the veth pair.
+    # The wheels fit this device and no other.
+    fetched = next((tmp_path / "home" / "wheels").iterdir())
+    python = "{}.{}".format(*sys.version_info[:2])
+    glibc = fetched.name.rsplit("glibc", 1)[1]
+    assert fetched.name == f"linux-{os.uname().machine}-py{python}-glibc{glibc}"
+    assert wheels.mismatches(fetched, os.uname().machine, python, glibc) == []
+    other = "aarch64" if os.uname().machine == "x86_64" else "x86_64"
+    binary = [w.name for w in fetched.glob("*.whl") if not w.name.endswith("-none-any.whl")]
+    assert binary and len(wheels.mismatches(fetched, other, python, glibc)) == len(binary)
+    assert all(f"(for {os.uname().machine})" in m
+               for m in wheels.mismatches(fetched, other, python, glibc))
+    assert any("needs glibc" in m for m in wheels.mismatches(fetched, os.uname().machine,
+                                                              python, "2.5"))
+
+    # A layer measured through the deployed daemon, from this host over the veth pair; it
+    # says where it is pinned.
     assert _measure(address, token_file) > 0
+    with DeviceClient(address, token=token, timeout_s=10) as client:
+        assert client.device_info().pinned_cpus == (0,)
     with DeviceClient(address, timeout_s=10, retries=0) as anonymous:
         with pytest.raises(DeviceError, match="UNAUTHENTICATED"):
             anonymous.device_info()
 
-    # Second deploy: the code updated, the daemon restarted, the token and packages kept.
+    # Second deploy: the code updated, the daemon restarted (not pinned now), the token and
+    # packages kept.
     code, out, err = run_cli("deploy", *common)
     assert code == 0, err
-    assert "token (kept)" in out and "already current" in out
+    assert "token (kept)" in out and "already current" in out and "pinned" not in out
     assert f"replacing pid {first_pid}" in out
     second_pid = _daemon_pid(remote)
     assert second_pid != first_pid
@@ -500,6 +547,11 @@ def test_deploy_measure_redeploy_stop_on_a_second_host(
     assert _not_serving(address)
     code, out, _ = run_cli("status", *common)
     assert code == 3 and "stopped" in out
+
+    # A daemon that cannot pin to the CPUs asked for fails the deploy with the device's log.
+    code, out, err = run_cli("deploy", *common, "--cpus", "4095")
+    assert code == 1 and "exited before serving" in err
+    assert "cannot pin to CPUs [4095]" in err and "  | " in err
 
     # A daemon that cannot start (its port is sshd's) fails the deploy with the device's log.
     code, out, err = run_cli("deploy", *common, "--port", str(DEVICE_SSH_PORT))

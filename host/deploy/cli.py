@@ -4,6 +4,7 @@
     netadapt-deploy deploy --device adb[:SERIAL]
     netadapt-deploy status --device …
     netadapt-deploy stop --device …
+    netadapt-deploy wheels --platform aarch64 [--python-version 3.11] [--out DIR]
 
 A deploy is idempotent: the second one updates the code and restarts the daemon, keeping the
 token. Errors are one line on stderr (then the device's log, when there is one): exit 2 for a
@@ -22,9 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from device_server.cpu_topology import format_cpu_list, parse_cpu_list
 from host.cli_common import parse_command_line
+from host.deploy import wheels
 from host.deploy.adb import AdbError
-from host.deploy.bundle import BundleError
+from host.deploy.bundle import BundleError, device_requirements
 from host.deploy.deployer import (
     DEFAULT_PORT,
     DEFAULT_REMOTE_DIR,
@@ -65,6 +68,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _cpus(text: str) -> str:
+    try:
+        return format_cpu_list(parse_cpu_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _ssh_option(text: str) -> str:
     if "=" not in text and " " not in text:
         raise argparse.ArgumentTypeError(f"expected an ssh option Key=Value, got {text!r}")
@@ -101,16 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
                            help="adb: the host port forwarded to the daemon (default --port)")
             p.add_argument("--threads", type=_positive, default=1,
                            help="the daemon's default intra-op threads (default 1)")
+            p.add_argument("--cpus", type=_cpus, metavar="LIST",
+                           help="pin the daemon to these CPUs, e.g. 4-7 for a phone's big "
+                                "cores (netadapt-bench info lists the clusters)")
             p.add_argument("--python", default="", metavar="PATH",
                            help="the device's Python >= 3.11 to build the venv from "
                                 "(default python3 on its PATH; on Termux, pkg's python)")
             p.add_argument("--wheelhouse", type=Path, metavar="DIR",
                            help="install from the .whl files in DIR (for a device without "
-                                "internet; build it with pip download for the device's "
-                                "platform)")
+                                "internet; `make device-wheels PLATFORM=aarch64` builds it)")
+            p.add_argument("--download-wheels", action="store_true",
+                           help="download the device's wheels on this host for its machine, "
+                                "Python and glibc, and install from them (a device without "
+                                "internet, a host with it)")
             p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                            help="how long this host waits for the daemon to answer "
                                 "(default 30)")
+    w = sub.add_parser("wheels", help="download the device's wheels for a device offline",
+                       description="Downloads the daemon's Python packages as wheels for the "
+                                   "device's platform, to install with deploy --wheelhouse.")
+    w.add_argument("--platform", required=True, metavar="MACHINE",
+                   help="the device's `uname -m`: aarch64 (arm64) or x86_64")
+    w.add_argument("--python-version", default=wheels.DEFAULT_PYTHON, metavar="X.Y",
+                   help=f"the device's Python (default {wheels.DEFAULT_PYTHON})")
+    w.add_argument("--glibc", default=wheels.DEFAULT_GLIBC, metavar="X.Y",
+                   help=f"the device's glibc, `ldd --version` (default {wheels.DEFAULT_GLIBC}: "
+                        f"wheels that install on any newer one)")
+    w.add_argument("--out", type=Path, metavar="DIR",
+                   help="where to put them (default device-wheels/linux-MACHINE-pyX.Y-glibcX.Y)")
+    w.add_argument("-v", "--verbose", action="store_true", help="log each step")
     return parser
 
 
@@ -121,7 +150,8 @@ def _config(args: argparse.Namespace) -> DeployConfig:
     if args.command != "deploy":
         return config
     return replace(config, port=args.port, bind=args.bind, threads=args.threads,
-                   python=args.python, wheelhouse=args.wheelhouse, local_port=args.local_port,
+                   cpus=args.cpus or "", python=args.python, wheelhouse=args.wheelhouse,
+                   download_wheels=args.download_wheels, local_port=args.local_port,
                    ready_timeout_s=args.timeout)
 
 
@@ -136,9 +166,12 @@ def _report_deploy(result: DeployResult, out: TextIO) -> None:
     replaced = f", replacing pid {result.previous_pid}" if result.previous_pid else ""
     env = "installed" if result.env_installed else "already current"
     token = "new" if result.token_created else "kept"
+    pinned = f", pinned to cpu{result.pinned}" if result.pinned else ""
+    source = f" from {result.wheelhouse}" if result.env_installed and result.wheelhouse else ""
     out.write(f"deployed to {result.target} ({result.platform}): daemon pid {result.pid}"
-              f"{replaced}, serving at {result.address}\n"
-              f"  device fingerprint {result.fingerprint}; Python packages {env}\n"
+              f"{replaced}, serving at {result.address}{pinned}\n"
+              f"  device: {result.device}\n"
+              f"  device fingerprint {result.fingerprint}; Python packages {env}{source}\n"
               f"  token ({token}): {result.token_file}\n"
               "use it with:\n")
     for line in usage_lines(result):
@@ -148,7 +181,29 @@ def _report_deploy(result: DeployResult, out: TextIO) -> None:
                   f"`make device-status DEVICE={result.target}` sets it up again)\n")
 
 
+def _wheels(args: argparse.Namespace, out: TextIO) -> int:
+    target = wheels.parse_target(args.platform, args.python_version, args.glibc)
+    folder = args.out or Path("device-wheels") / target.folder_name()
+    out.write(f"downloading the device's wheels ({target.describe()}) to {folder}\n")
+    out.flush()
+    try:
+        found = wheels.download(target, folder, device_requirements())
+    except wheels.WheelError as exc:
+        raise _DownloadError(str(exc)) from None
+    size_mb = sum(w.stat().st_size for w in found) / 1e6
+    out.write(f"{len(found)} wheels ({size_mb:.0f} MB) in {folder}\n"
+              f"deploy with: make deploy-device DEVICE=ssh://USER@HOST "
+              f"DEPLOY_ARGS='--wheelhouse {shlex.quote(str(folder))}'\n")
+    return 0
+
+
+class _DownloadError(RuntimeError):
+    """pip could not fetch the wheels (network, index): a failure, not a bad command line."""
+
+
 def _run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "wheels":
+        return _wheels(args, out)
     target = parse_device(args.device)
     config = _config(args)
     if args.command == "deploy":
@@ -189,10 +244,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         logging.getLogger("host.client").setLevel(logging.ERROR)
     try:
         return _run(args, out)
-    except (TargetError, ConfigError) as exc:
+    except (TargetError, ConfigError, wheels.WheelError) as exc:
         err.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
-    except (SshError, AdbError, RemoteError, DeployError, BundleError) as exc:
+    except (SshError, AdbError, RemoteError, DeployError, BundleError, _DownloadError) as exc:
         err.write(f"{PROG}: error: {exc}\n")
         return EXIT_DEVICE
     except KeyboardInterrupt:

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from device_server.cpu_topology import format_cpu_list, parse_cpu_list
 from device_server.server import is_loopback
-from host.client import DeviceClient, DeviceError
-from host.deploy import adb
+from host.client import DeviceClient, DeviceError, DeviceInfo
+from host.deploy import adb, wheels
 from host.deploy.bundle import build_bundle
 from host.deploy.remote import (
     RemoteReport,
@@ -30,6 +31,7 @@ from host.deploy.remote import (
 from host.deploy.ssh import SshOptions, run_ssh
 from host.deploy.target import AdbTarget, SshTarget, Target
 from host.deploy.tokens import new_token, read_host_token, token_path, write_host_token
+from host.device_summary import device_line
 
 __all__ = ["DeployConfig", "DeployResult", "DeviceStatus", "DeployError", "ConfigError", "deploy",
            "status",
@@ -58,9 +60,11 @@ class DeployConfig:
     port: int = DEFAULT_PORT               # the daemon's port on the device
     bind: str | None = None
     threads: int = 1                       # the daemon's default ORT intra-op threads
+    cpus: str = ""                         # pin the daemon to these CPUs ("4-7"); "": no
     remote_dir: str = DEFAULT_REMOTE_DIR
     python: str = ""                       # the device's Python (default python3 on its PATH)
     wheelhouse: Path | None = None         # wheels to install from, for a device offline
+    download_wheels: bool = False          # fetch the device's wheels on this host first
     address: str | None = None             # how this host reaches the daemon (default: derived)
     local_port: int | None = None          # adb: the host port forwarded to the daemon
     ready_timeout_s: float = 30.0          # for the health check from this host
@@ -81,6 +85,9 @@ class DeployResult:
     env_installed: bool          # False: the device's Python packages were already current
     fingerprint: str
     over_adb: bool = False
+    device: str = ""             # what it is: "aarch64 Linux, <board>: 4x Cortex-A76"
+    pinned: str = ""             # the CPUs the daemon is pinned to ("4-7"); "": not pinned
+    wheelhouse: Path | None = None  # the wheels installed from, when any
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ def _endpoint(target: Target, config: DeployConfig) -> Iterator[_Endpoint]:
 def _settings(target: Target, config: DeployConfig, requirements_sha256: str = ""
               ) -> RemoteSettings:
     return RemoteSettings(remote_dir=config.remote_dir, bind=_bind(target, config),
-                          port=config.port, threads=config.threads, python=config.python,
+                          port=config.port, threads=config.threads, cpus=config.cpus,
+                          python=config.python,
                           requirements_sha256=requirements_sha256,
                           start_timeout_s=config.start_timeout_s)
 
@@ -176,6 +184,14 @@ def _wheelhouse_tar(path: Path) -> bytes:
 
 
 def _check_config(target: Target, config: DeployConfig) -> None:
+    if config.cpus:
+        try:
+            parse_cpu_list(config.cpus)
+        except ValueError as exc:
+            raise ConfigError(f"--cpus: {exc}") from None
+    if config.wheelhouse is not None and config.download_wheels:
+        raise ConfigError("--wheelhouse and --download-wheels exclude each other: the first "
+                          "installs wheels you have, the second fetches them for the device")
     if config.wheelhouse is not None and not config.wheelhouse.is_dir():
         raise ConfigError(f"--wheelhouse {config.wheelhouse} is not a directory")
     if config.wheelhouse is not None and not any(config.wheelhouse.glob("*.whl")):
@@ -226,13 +242,16 @@ def deploy(target: Target, config: DeployConfig, home: Path,
     with _endpoint(target, config) as endpoint:
         say(f"probing {target}")
         probe = _run_steps(endpoint, config, settings, ("probe",))
+        wheelhouse = None
+        if probe.get("env") != "current":
+            wheelhouse = _wheelhouse_for(probe, config, home, bundle.requirements, say)
         token, created = _device_token(endpoint, config, settings, probe, path)
-        if config.wheelhouse is not None and probe.get("env") != "current":
-            say(f"copying the wheels in {config.wheelhouse}")
+        if wheelhouse is not None:
+            say(f"copying the wheels in {wheelhouse}")
             run_ssh(endpoint.ssh, endpoint.ssh_options,
                     f"mkdir -p {remote_path(config.remote_dir)} && "
                     f"cat >{remote_path(config.remote_dir)}/wheels.tar",
-                    _wheelhouse_tar(config.wheelhouse), _INSTALL_TIMEOUT_S)
+                    _wheelhouse_tar(wheelhouse), _INSTALL_TIMEOUT_S)
         say(f"installing on {target} and starting the daemon")
         report = _run_steps(endpoint, config, replace(settings, token=token),
                             ("unpack", "install", "write_token", "start"), bundle.data,
@@ -240,24 +259,76 @@ def deploy(target: Target, config: DeployConfig, home: Path,
         pid = report.number("pid")
         assert pid is not None, f"the start step reported no pid: {report.values}"
         address = endpoint.address(config.port)
-        fingerprint = _wait_serving(endpoint, address, config, settings, token)
+        info = _wait_serving(endpoint, address, config, settings, token)
         return DeployResult(
             target=str(target), address=address, token_file=path,
             token_created=created, platform=probe.get("platform", "linux"), pid=pid,
             previous_pid=report.number("stopped"),
-            env_installed=report.get("env") == "installed", fingerprint=fingerprint,
-            over_adb=endpoint.over_adb)
+            env_installed=report.get("env") == "installed", fingerprint=info.fingerprint,
+            over_adb=endpoint.over_adb, device=device_line(info),
+            pinned=format_cpu_list(info.pinned_cpus) if info.pinned else "",
+            wheelhouse=wheelhouse)
+
+
+def _wheelhouse_for(probe: RemoteReport, config: DeployConfig, home: Path,
+                    requirements: tuple[str, ...], say: Callable[[str], None]) -> Path | None:
+    """The wheels to send: `--wheelhouse` once it is known to fit the device, or those
+    `--download-wheels` fetched for it here (kept under `home`/wheels for the next device).
+
+    Raises:
+        ConfigError: the wheels are for another machine, Python or glibc, or the device is one
+            PyPI has no wheels for.
+        DeployError: pip could not fetch the wheels.
+    """
+    if config.wheelhouse is None and not config.download_wheels:
+        return None
+    machine, python = probe.get("machine"), probe.get("python")
+    libc = probe.get("libc")
+    glibc = libc.split()[-1] if libc.startswith("glibc ") else None
+    if probe.get("platform") == "termux":
+        if config.download_wheels:
+            raise ConfigError("--download-wheels: Termux installs numpy, grpcio and onnxruntime "
+                              "with pkg; PyPI's Linux wheels do not install on Android")
+        return config.wheelhouse
+    if not python:
+        return config.wheelhouse  # the install step says that the device has no Python
+    if config.download_wheels:
+        if glibc is None:
+            raise ConfigError(f"--download-wheels: the device's C library is not glibc "
+                              f"({libc or 'unknown'}); PyPI's manylinux wheels need glibc")
+        try:
+            target = wheels.parse_target(machine, python, glibc)
+        except wheels.WheelError as exc:
+            raise ConfigError(f"--download-wheels: {exc}") from None
+        folder = home / "wheels" / target.folder_name()
+        say(f"downloading the device's wheels ({target.describe()}) to {folder}")
+        try:
+            wheels.download(target, folder, requirements)
+        except wheels.WheelError as exc:
+            raise DeployError(str(exc)) from None
+        return folder
+    assert config.wheelhouse is not None
+    bad = wheels.mismatches(config.wheelhouse, machine, python, glibc)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"--wheelhouse {config.wheelhouse} does not fit the device ({machine}, Python "
+            f"{python}, {libc or 'libc unknown'}): {bad[0]}{more}; make one with `make "
+            f"device-wheels PLATFORM={machine} PYTHON_VERSION={python}` or deploy with "
+            f"--download-wheels")
+    return config.wheelhouse
 
 
 def _wait_serving(endpoint: _Endpoint, address: str, config: DeployConfig,
-                  settings: RemoteSettings, token: str) -> str:
-    """Health SERVING from this host, then one authenticated call; returns the fingerprint."""
+                  settings: RemoteSettings, token: str) -> DeviceInfo:
+    """Health SERVING from this host, then one authenticated call; returns what the device
+    says it is."""
     try:
         with DeviceClient(address, timeout_s=config.ready_timeout_s) as client:
             client.wait_ready(timeout_s=config.ready_timeout_s)
         with DeviceClient(address, token=token, timeout_s=config.ready_timeout_s,
                           retries=1) as client:
-            return client.device_info().fingerprint
+            return client.device_info()
     except DeviceError as exc:
         state = _run_steps(endpoint, config, settings, ("status", "log_tail"))
         running = state.get("state") == "running"

@@ -69,9 +69,17 @@ daemon_pid() {
 
 env_current() { [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$NA_REQ_SHA" ]; }
 
+# What the wheels must fit: the Python the venv is built from, and the C library.
+probe_python() {
+  p=${NA_PYTHON:-$(command -v python3 || command -v python)} || return 1
+  "$p" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
+}
+
 step_probe() {
   if is_termux; then say platform=termux; else say platform=linux; fi
   say "machine=$(uname -m)"
+  if v=$(probe_python); then say "python=$v"; fi
+  if v=$(getconf GNU_LIBC_VERSION 2>/dev/null); then say "libc=$v"; fi
   if env_current; then say env=current; else say env=stale; fi
   if [ -s "$TOKEN" ]; then say token=present; else say token=absent; fi
   if p=$(daemon_pid); then say "pid=$p"; fi
@@ -184,11 +192,14 @@ step_start() {
   stop_daemon
   if [ -f "$LOG" ]; then mv "$LOG" "$LOG.1"; fi
   cd "$APP" || die "cannot enter $APP"
-  PYTHONPATH=$APP PYTHONUNBUFFERED=1 nohup "$VENV/bin/python" -m device_server serve \
-    --host "$NA_BIND" --port "$NA_PORT" --threads "$NA_THREADS" --token-file "$TOKEN" \
-    --port-file "$PORTFILE" </dev/null >>"$LOG" 2>&1 &
+  set -- --host "$NA_BIND" --port "$NA_PORT" --threads "$NA_THREADS" --token-file "$TOKEN" \
+    --port-file "$PORTFILE"
+  if [ -n "$NA_CPUS" ]; then set -- "$@" --cpus "$NA_CPUS"; fi
+  PYTHONPATH=$APP PYTHONUNBUFFERED=1 nohup "$VENV/bin/python" -m device_server serve "$@" \
+    </dev/null >>"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
-  printf 'bind=%s\nport=%s\nthreads=%s\n' "$NA_BIND" "$NA_PORT" "$NA_THREADS" >"$ENVFILE"
+  printf 'bind=%s\nport=%s\nthreads=%s\ncpus=%s\n' "$NA_BIND" "$NA_PORT" "$NA_THREADS" \
+    "$NA_CPUS" >"$ENVFILE"
   if is_termux && command -v termux-wake-lock >/dev/null 2>&1; then
     termux-wake-lock && say wake_lock=held
   fi
@@ -230,6 +241,7 @@ class RemoteSettings:
     bind: str = "0.0.0.0"
     port: int = 50051
     threads: int = 1
+    cpus: str = ""                      # the daemon's --cpus (e.g. "4-7"); empty: not pinned
     python: str = ""                    # empty: python3 from the device's PATH
     requirements_sha256: str = ""
     token: str = ""                     # only for the write_token step
@@ -277,6 +289,7 @@ def render_script(steps: Sequence[str], settings: RemoteSettings, bundle: bytes 
         "NA_BIND": settings.bind,
         "NA_PORT": str(settings.port),
         "NA_THREADS": str(settings.threads),
+        "NA_CPUS": settings.cpus,
         "NA_PYTHON": settings.python,
         "NA_REQ_SHA": settings.requirements_sha256,
         "NA_TOKEN": settings.token,
