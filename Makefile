@@ -7,7 +7,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
-.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale clean help
+.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-run clean help
 
 help:
 	@echo "make run           set up, start a daemon on loopback, adapt MobileNetV1 on MNIST"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-lut     full-table build time and estimate-vs-measured error"
 	@echo "make bench-adapt   NetAdapt vs MACs-driven vs uniform width at three budgets"
 	@echo "make bench-scale   one iteration on sequential / local pool / Ray; 1 vs 2 pinned daemons"
+	@echo "make bench-run     make run's job 3x quiet and 3x beside a noisy neighbour: budget kept?"
 	@echo "make deploy-device DEVICE=ssh://USER@HOST[:PORT] | DEVICE=adb[:SERIAL]"
 	@echo "                   install or update the daemon on a device and start it"
 	@echo "make device-status DEVICE=...   is it running and serving for this host?"
@@ -61,6 +62,10 @@ bench-adapt: $(STAMP) protos
 
 bench-scale: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
+
+# `make run` three times quiet and three times beside a noisy neighbour, interleaved (~50 min).
+bench-run: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_run.py --runs 3 --out bench-results/run.json
 
 # The daemon on a phone or board (host/deploy): over ssh, or over adb to Termux's sshd. More
 # options (--bind, --port, --threads, --wheelhouse, -i KEY) go in DEPLOY_ARGS.

@@ -127,16 +127,21 @@ def _run_seed(seed: int, args: argparse.Namespace, splits: DataSplits, pool: Dev
     names = ["original", *finals]
     models = [network.model] + [f["model"] for f in finals.values()]
     blobs = [export_onnx(m, network.input_shape) for m in models]
-    timings = measure_networks(pool.clients[0], blobs, SESSION, passes=5)
-    original_ms = timings[0].median_ms
+    # Every final network and the original in the same interleaved rounds; speedups from the
+    # per-round ratios (host/whole_model.py).
+    rounds = measure_networks(pool.clients[0], blobs, SESSION)
+    original_ms = rounds.figure(0).value
     rows: dict[str, dict[str, Any]] = {"original": {
         "test_accuracy": evaluate(network.model, splits.test), "measured_ms": original_ms,
         "estimated_ms": est.estimate(network.specs())}}
-    for name, timing in zip(names[1:], timings[1:], strict=True):
+    for i, name in enumerate(names[1:], start=1):
+        fig, ratio = rounds.figure(i), rounds.ratio(i, 0)
         row = {k: v for k, v in finals[name].items() if k != "model"}
-        row["measured_ms"] = timing.median_ms
-        row["speedup"] = original_ms / timing.median_ms
-        row["estimate_error"] = (row["estimated_ms"] - timing.median_ms) / timing.median_ms
+        row["measured_ms"] = fig.value
+        row["measured_interval_ms"] = [fig.low, fig.high]
+        row["speedup"] = 1 / ratio.value
+        row["speedup_interval"] = [1 / ratio.high, 1 / ratio.low]
+        row["estimate_error"] = (row["estimated_ms"] - fig.value) / fig.value
         rows[name] = row
     for name, row in rows.items():
         print(f"seed {seed} {name:<24} test {row['test_accuracy']:.4f}  measured "

