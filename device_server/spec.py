@@ -12,13 +12,18 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from device_server.errors import InvalidConfigError
 
 __all__ = [
     "OpKind",
     "Activation",
+    "NodeOperand",
+    "AttrValue",
     "GraphOptimization",
     "LayerSpec",
     "SessionSpec",
@@ -36,6 +41,7 @@ class OpKind(enum.Enum):
     AVG_POOL = "avg_pool"
     GLOBAL_AVG_POOL = "global_avg_pool"
     ADD = "add"
+    NODE = "node"  # any one ONNX node with its real shapes (see `LayerSpec.node`)
 
 
 class Activation(enum.Enum):
@@ -43,6 +49,9 @@ class Activation(enum.Enum):
     RELU = "relu"
     RELU6 = "relu6"
     HARDSWISH = "hardswish"
+    SIGMOID = "sigmoid"
+    HARDSIGMOID = "hardsigmoid"  # torch's: relu6(x + 3) / 6 (ONNX HardSigmoid alpha 1/6)
+    SILU = "silu"  # x * sigmoid(x), exported as Sigmoid + Mul
 
 
 class GraphOptimization(enum.Enum):
@@ -62,6 +71,112 @@ def _pair(values: tuple[int, ...], default: int, name: str) -> tuple[int, int]:
     raise InvalidConfigError(f"{name} takes one or two values, got {list(values)}")
 
 
+AttrValue = int | float | str | tuple[int, ...] | tuple[float, ...]
+"""An ONNX node attribute: a number, a string, or a list of ints or of floats."""
+
+_OPERAND_KINDS = ("input", "weight", "const")
+_OPERAND_DTYPES = ("float", "int64")
+_NODE_OP = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+_ATTR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NODE_FIELDS = ("node_op", "operands", "attributes", "out_shapes")
+
+
+@dataclass(frozen=True)
+class NodeOperand:
+    """One input of a NODE unit, in the ONNX node's input order.
+
+    `kind` "input": a graph input, fed random values when timed; "weight": a float initializer
+    of random values (e.g. BatchNormalization's scale and mean); "const": an initializer holding
+    `values` (row-major, e.g. a Split's sizes or a Clip's bounds) of `dtype` "int64" or "float".
+    An empty `shape` is a scalar.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    values: tuple[int | float, ...] = ()
+    dtype: str = "float"
+
+    @classmethod
+    def input(cls, shape: Sequence[int]) -> NodeOperand:
+        return cls("input", tuple(int(d) for d in shape))
+
+    @classmethod
+    def weight(cls, shape: Sequence[int]) -> NodeOperand:
+        return cls("weight", tuple(int(d) for d in shape))
+
+    @classmethod
+    def const(cls, values: Sequence[float], shape: Sequence[int] | None = None,
+              dtype: str = "int64") -> NodeOperand:
+        """A constant; `shape` defaults to a 1-D tensor of `values`."""
+        cast: Any = int if dtype == "int64" else float
+        vals = tuple(cast(v) for v in values)
+        dims = (len(vals),) if shape is None else tuple(int(d) for d in shape)
+        return cls("const", dims, vals, dtype)
+
+    @classmethod
+    def coerce(cls, value: NodeOperand | Mapping[str, Any]) -> NodeOperand:
+        """From itself or its `to_dict()` form."""
+        if isinstance(value, NodeOperand):
+            return value
+        dtype = str(value.get("dtype", "float"))
+        cast: Any = int if dtype == "int64" else float
+        return cls(str(value["kind"]), tuple(int(d) for d in value["shape"]),
+                   tuple(cast(v) for v in value.get("values", ())), dtype)
+
+    def validate(self, index: int) -> None:
+        """Raises InvalidConfigError naming operand `index` and what is wrong."""
+        where = f"operand {index}"
+        if self.kind not in _OPERAND_KINDS:
+            raise InvalidConfigError(
+                f"{where}: kind {self.kind!r} is not one of {', '.join(_OPERAND_KINDS)}")
+        if self.dtype not in _OPERAND_DTYPES:
+            raise InvalidConfigError(
+                f"{where}: dtype {self.dtype!r} is not one of {', '.join(_OPERAND_DTYPES)}")
+        if any(d <= 0 for d in self.shape):
+            raise InvalidConfigError(f"{where}: dimensions must be positive, got "
+                                     f"{list(self.shape)}")
+        if self.kind == "const":
+            if len(self.values) != _prod(self.shape):
+                raise InvalidConfigError(
+                    f"{where}: a constant of shape {list(self.shape)} needs "
+                    f"{_prod(self.shape)} values, got {len(self.values)}")
+        elif self.values or self.dtype != "float":
+            raise InvalidConfigError(f"{where}: only constants carry values or an int64 dtype")
+
+    def nbytes(self) -> int:
+        return _prod(self.shape) * (8 if self.dtype == "int64" else 4)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "shape": list(self.shape), "values": list(self.values),
+                "dtype": self.dtype}
+
+
+def _attr_value(name: str, value: Any) -> AttrValue:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = tuple(value)
+        if all(isinstance(v, (int, bool)) for v in items):
+            return tuple(int(v) for v in items)
+        if all(isinstance(v, (int, float)) for v in items):
+            return tuple(float(v) for v in items)
+    raise InvalidConfigError(
+        f"attribute {name!r}: {value!r} is not a number, a string or a list of numbers")
+
+
+def _attributes(value: Mapping[str, Any] | Iterable[Sequence[Any]]) -> tuple[
+        tuple[str, AttrValue], ...]:
+    pairs = value.items() if isinstance(value, Mapping) else (tuple(p) for p in value)
+    out = {}
+    for name, v in pairs:
+        if not isinstance(name, str) or not _ATTR_NAME.match(name):
+            raise InvalidConfigError(f"attribute name {name!r} is not an identifier")
+        out[name] = _attr_value(name, v)
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One fusion unit as the runtime would execute it.
@@ -70,6 +185,12 @@ class LayerSpec:
     `groups == C == out_channels` is a depthwise convolution. `batch_norm`, `activation` and
     `residual` describe what the runtime fuses into a convolution; `residual` adds a second
     tensor of the output's shape (the block's skip input) before the activation.
+
+    NODE is any single ONNX node that the fixed kinds do not describe (a channel-wise Mul, a
+    Concat, a Split, a standalone BatchNormalization or Sigmoid, ...): `node_op` is its ONNX op
+    type, `operands` its inputs with their real shapes, `attributes` its ONNX attributes and
+    `out_shapes` its outputs' shapes; `input_shape` is the first operand's shape. Build one with
+    `LayerSpec.node`. Its key is its op type, attributes and shapes, like any other unit.
     """
 
     op: OpKind
@@ -84,6 +205,26 @@ class LayerSpec:
     batch_norm: bool = False
     activation: Activation = Activation.NONE
     residual: bool = False
+    node_op: str = ""  # NODE only: the ONNX op type
+    operands: tuple[NodeOperand, ...] = ()  # NODE only: the node's inputs, in order
+    attributes: tuple[tuple[str, AttrValue], ...] = ()  # NODE only: sorted by name
+    out_shapes: tuple[tuple[int, ...], ...] = ()  # NODE only: every output's shape
+
+    @classmethod
+    def node(
+        cls,
+        op_type: str,
+        operands: Sequence[NodeOperand | Mapping[str, Any]],
+        out_shapes: Sequence[Sequence[int]],
+        attributes: Mapping[str, Any] | Iterable[Sequence[Any]] = (),
+    ) -> LayerSpec:
+        """A NODE unit: one ONNX node of type `op_type` (e.g. "Mul") with these operands.
+
+        Raises:
+            InvalidConfigError: the node is malformed; the message says what to change.
+        """
+        return cls.create(OpKind.NODE, (), node_op=op_type, operands=operands,
+                          out_shapes=out_shapes, attributes=attributes)
 
     @classmethod
     def create(
@@ -100,6 +241,10 @@ class LayerSpec:
         batch_norm: bool = False,
         activation: Activation | str = Activation.NONE,
         residual: bool = False,
+        node_op: str = "",
+        operands: Sequence[NodeOperand | Mapping[str, Any]] = (),
+        attributes: Mapping[str, Any] | Iterable[Sequence[Any]] = (),
+        out_shapes: Sequence[Sequence[int]] = (),
     ) -> LayerSpec:
         """Normalises loose arguments (ints for square sizes, strings for enums) and validates.
 
@@ -123,9 +268,13 @@ class LayerSpec:
             return (v,) if isinstance(v, int) else tuple(int(x) for x in v)
 
         default_kernel = 1
+        node_operands = tuple(NodeOperand.coerce(o) for o in operands)
+        shape = tuple(int(x) for x in input_shape)
+        if op_kind is OpKind.NODE and not shape and node_operands:
+            shape = node_operands[0].shape
         spec = cls(
             op=op_kind,
-            input_shape=tuple(int(x) for x in input_shape),
+            input_shape=shape,
             out_channels=int(out_channels),
             kernel=_pair(tup(kernel), default_kernel, "kernel"),
             stride=_pair(tup(stride), 1, "stride"),
@@ -136,6 +285,10 @@ class LayerSpec:
             batch_norm=bool(batch_norm),
             activation=act,
             residual=bool(residual),
+            node_op=str(node_op),
+            operands=node_operands,
+            attributes=_attributes(attributes),
+            out_shapes=tuple(tuple(int(d) for d in o) for o in out_shapes),
         )
         spec.validate()
         return spec
@@ -147,6 +300,8 @@ class LayerSpec:
 
     def output_shape(self) -> tuple[int, ...]:
         """The output tensor shape; assumes `validate()` passed."""
+        if self.op is OpKind.NODE:
+            return self.out_shapes[0]
         n, c = self.input_shape[0], self.input_shape[1]
         if self.op is OpKind.LINEAR:
             return (n, self.out_channels)
@@ -172,6 +327,8 @@ class LayerSpec:
             return int(self.input_shape[0] * self.in_channels * self.out_channels)
         if self.op in (OpKind.MAX_POOL, OpKind.AVG_POOL):
             return int(_prod(out) * self.kernel[0] * self.kernel[1])
+        if self.op is OpKind.NODE:  # elementwise-like: one operation per output element
+            return int(sum(_prod(o) for o in self.out_shapes))
         return int(_prod(self.input_shape))
 
     def param_count(self) -> int:
@@ -181,6 +338,8 @@ class LayerSpec:
             n = self.out_channels * per_filter
         elif self.op is OpKind.LINEAR:
             n = self.out_channels * self.in_channels
+        elif self.op is OpKind.NODE:
+            return sum(_prod(o.shape) for o in self.operands if o.kind == "weight")
         else:
             return 0
         n += self.out_channels * (int(self.bias) + 2 * int(self.batch_norm))
@@ -188,6 +347,9 @@ class LayerSpec:
 
     def tensor_bytes(self) -> int:
         """float32 bytes of inputs, weights and output: what a session must hold."""
+        if self.op is OpKind.NODE:
+            return sum(o.nbytes() for o in self.operands) + 4 * sum(
+                _prod(o) for o in self.out_shapes)
         inputs = _prod(self.input_shape) * (2 if self.op is OpKind.ADD else 1)
         outputs = _prod(self.output_shape()) * (2 if self.residual else 1)  # + the add operand
         return 4 * (inputs + self.param_count() + outputs)
@@ -195,6 +357,13 @@ class LayerSpec:
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
         """Raises InvalidConfigError naming the first problem and what to change."""
+        if self.op is OpKind.NODE:
+            self._validate_node()
+            return
+        if any(getattr(self, f) for f in _NODE_FIELDS):
+            raise InvalidConfigError(
+                f"node_op, operands, attributes and out_shapes apply to node units only, not "
+                f"{self.op.value}")
         shape = self.input_shape
         want_rank = 2 if self.op is OpKind.LINEAR else 4
         if len(shape) != want_rank:
@@ -225,6 +394,33 @@ class LayerSpec:
         elif self.groups != 1:
             raise InvalidConfigError(f"groups applies to conv2d only, got {self.groups}")
 
+    def _validate_node(self) -> None:
+        if not _NODE_OP.match(self.node_op):
+            raise InvalidConfigError(
+                f"node_op must be an ONNX op type such as 'Mul' or 'Concat', got "
+                f"{self.node_op!r}")
+        if not self.operands or self.operands[0].kind != "input":
+            raise InvalidConfigError(
+                f"{self.node_op}: the first operand must be an input tensor")
+        for i, operand in enumerate(self.operands):
+            operand.validate(i)
+        if self.input_shape != self.operands[0].shape:
+            raise InvalidConfigError(
+                f"{self.node_op}: input_shape {list(self.input_shape)} differs from the first "
+                f"operand's {list(self.operands[0].shape)}")
+        if not self.out_shapes or any(not o or min(o) <= 0 for o in self.out_shapes):
+            raise InvalidConfigError(
+                f"{self.node_op}: out_shapes must list every output's positive dimensions, "
+                f"got {[list(o) for o in self.out_shapes]}")
+        default = LayerSpec(OpKind.NODE, self.input_shape)
+        fixed = ("out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias",
+                 "batch_norm", "activation", "residual")
+        extra = [f for f in fixed if getattr(self, f) != getattr(default, f)]
+        if extra:
+            raise InvalidConfigError(
+                f"{self.node_op}: node units take no {', '.join(extra)}: describe the op by its "
+                f"operands and attributes")
+
     def _validate_window(self) -> None:
         for name, pair, minimum in (
             ("kernel", self.kernel, 1),
@@ -250,11 +446,20 @@ class LayerSpec:
 
     # -- identity --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
+        """Plain JSON-able fields. The node fields appear for NODE units only, so the keys of
+        the fixed kinds are what they were before NODE existed."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in _NODE_FIELDS}
         d["op"] = self.op.value
         d["activation"] = self.activation.value
         for k in ("input_shape", "kernel", "stride", "padding", "dilation"):
-            d[k] = list(d[k])
+            d[k] = list(d[k])  # type: ignore[call-overload]
+        if self.op is OpKind.NODE:
+            d["node_op"] = self.node_op
+            d["operands"] = [o.to_dict() for o in self.operands]
+            d["attributes"] = [[k, list(v) if isinstance(v, tuple) else v]
+                               for k, v in self.attributes]
+            d["out_shapes"] = [list(o) for o in self.out_shapes]
         return d
 
     @classmethod
@@ -288,6 +493,10 @@ class LayerSpec:
             return f"linear {s[1]}->{self.out_channels}"
         if self.op is OpKind.ADD:
             return f"add {s[1]} @{s[2]}x{s[3]}"
+        if self.op is OpKind.NODE:
+            shapes = ", ".join("x".join(str(d) for d in o.shape) or "scalar"
+                               for o in self.operands if o.kind == "input")
+            return f"{self.node_op} {shapes}"
         return f"{self.op.value} {s[1]} @{s[2]}x{s[3]}"
 
 

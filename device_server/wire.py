@@ -7,9 +7,11 @@ from device_server.errors import InvalidConfigError
 from device_server.spec import (
     DEFAULT_PROVIDER,
     Activation,
+    AttrValue,
     GraphOptimization,
     LayerSpec,
     MeasurePolicy,
+    NodeOperand,
     OpKind,
     SessionSpec,
 )
@@ -36,6 +38,7 @@ _OPS = {
     OpKind.AVG_POOL: pb.AVG_POOL,
     OpKind.GLOBAL_AVG_POOL: pb.GLOBAL_AVG_POOL,
     OpKind.ADD: pb.ADD,
+    OpKind.NODE: pb.NODE,
 }
 _OPS_BACK = {v: k for k, v in _OPS.items()}
 _ACTS = {
@@ -43,6 +46,9 @@ _ACTS = {
     Activation.RELU: pb.RELU,
     Activation.RELU6: pb.RELU6,
     Activation.HARDSWISH: pb.HARDSWISH,
+    Activation.SIGMOID: pb.SIGMOID,
+    Activation.HARDSIGMOID: pb.HARDSIGMOID,
+    Activation.SILU: pb.SILU,
 }
 _ACTS_BACK = {v: k for k, v in _ACTS.items()}
 _OPT = {
@@ -68,7 +74,51 @@ def layer_to_proto(spec: LayerSpec) -> pb.LayerConfig:
         batch_norm=spec.batch_norm,
         activation=_ACTS[spec.activation],
         residual=spec.residual,
+        node_op=spec.node_op,
+        operands=[_operand_to_proto(o) for o in spec.operands],
+        attributes=[_attribute_to_proto(k, v) for k, v in spec.attributes],
+        out_shapes=[pb.InputShape(dims=list(o)) for o in spec.out_shapes],
     )
+
+
+_OPERAND_KINDS = {"input": pb.NodeOperand.INPUT, "weight": pb.NodeOperand.WEIGHT,
+                  "const": pb.NodeOperand.CONST}
+_OPERAND_KINDS_BACK = {v: k for k, v in _OPERAND_KINDS.items()}
+
+
+def _operand_to_proto(o: NodeOperand) -> pb.NodeOperand:
+    return pb.NodeOperand(kind=_OPERAND_KINDS[o.kind], shape=list(o.shape),
+                          values=[float(v) for v in o.values], int64=o.dtype == "int64")
+
+
+def _operand_from_proto(msg: pb.NodeOperand) -> NodeOperand:
+    if msg.kind not in _OPERAND_KINDS_BACK:
+        raise InvalidConfigError(f"unknown node operand kind ({msg.kind})")
+    dtype = "int64" if msg.int64 else "float"
+    cast = int if msg.int64 else float
+    return NodeOperand(_OPERAND_KINDS_BACK[msg.kind], tuple(msg.shape),
+                       tuple(cast(v) for v in msg.values), dtype)
+
+
+def _attribute_to_proto(name: str, value: AttrValue) -> pb.NodeAttribute:
+    if isinstance(value, str):
+        return pb.NodeAttribute(name=name, s=value)
+    if isinstance(value, int):
+        return pb.NodeAttribute(name=name, i=value)
+    if isinstance(value, float):
+        return pb.NodeAttribute(name=name, f=value)
+    if all(isinstance(v, int) for v in value):
+        return pb.NodeAttribute(name=name, ints=pb.IntList(values=[int(v) for v in value]))
+    return pb.NodeAttribute(name=name, floats=pb.FloatList(values=list(value)))
+
+
+def _attribute_from_proto(msg: pb.NodeAttribute) -> tuple[str, AttrValue]:
+    which = msg.WhichOneof("value")
+    if which is None:
+        raise InvalidConfigError(f"node attribute {msg.name!r} has no value")
+    if which in ("ints", "floats"):
+        return msg.name, tuple(getattr(msg, which).values)
+    return msg.name, getattr(msg, which)
 
 
 def layer_from_proto(msg: pb.LayerConfig) -> LayerSpec:
@@ -91,6 +141,10 @@ def layer_from_proto(msg: pb.LayerConfig) -> LayerSpec:
         batch_norm=msg.batch_norm,
         activation=_ACTS_BACK[msg.activation],
         residual=msg.residual,
+        node_op=msg.node_op,
+        operands=[_operand_from_proto(o) for o in msg.operands],
+        attributes=[_attribute_from_proto(a) for a in msg.attributes],
+        out_shapes=[tuple(o.dims) for o in msg.out_shapes],
     )
 
 

@@ -240,7 +240,7 @@ def test_units_same_padding_conv_subclass() -> None:
 
 @pytest.mark.parametrize(
     ("layer", "name"),
-    [(nn.SiLU(), "act"), (nn.Sigmoid(), "act")],
+    [(nn.GELU(), "act"), (nn.Upsample(scale_factor=2), "up")],
 )
 def test_unsupported_layer_named(layer: nn.Module, name: str) -> None:
     model = nn.Sequential()
@@ -250,18 +250,17 @@ def test_unsupported_layer_named(layer: nn.Module, name: str) -> None:
         extract_units(model, SHAPE)
 
 
-def test_unsupported_concat_named() -> None:
-    class Cat(nn.Module):
+def test_tensor_slicing_is_refused_by_name() -> None:
+    class Slice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a = nn.Conv2d(1, 4, 1)
-            self.b = nn.Conv2d(1, 4, 1)
+            self.a = nn.Conv2d(1, 8, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.a(x), self.b(x)], 1)
+            return self.a(x)[:, :4]
 
-    with pytest.raises(UnsupportedLayerError, match="cat"):
-        extract_units(Cat(), SHAPE)
+    with pytest.raises(UnsupportedLayerError, match="getitem.*slicing"):
+        extract_units(Slice(), SHAPE)
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:

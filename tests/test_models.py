@@ -111,7 +111,8 @@ def test_channel_config_errors() -> None:
 
 
 def test_registry_lists_builtins_and_rejects_unknown() -> None:
-    assert list_models() == ["efficientnet_lite0", "mobilenet_v1", "mobilenet_v2", "tiny_cnn"]
+    assert list_models() == ["efficientnet_lite0", "mobilenet_v1", "mobilenet_v2",
+                             "mobilenet_v3_small", "tiny_cnn"]
     with pytest.raises(ValueError, match="unknown model 'resnet50'.*mobilenet_v1"):
         build_model("resnet50")
 

@@ -1,11 +1,16 @@
 """The torch side of a network's structure: fusion units as the runtime executes them
-(`units`), prunable channel groups and channel configurations (`groups`), filter pruning
-(`surgery`) and ONNX export (`onnx_export`)."""
+(`units`, with `tracing` and the NODE op registry `node_ops`), prunable channel groups and
+channel configurations (`groups`), filter pruning (`surgery`), ONNX export (`onnx_export`) and
+the checks that run before any training or measuring (`analysis`)."""
 
 from host.graph.groups import (
+    MAX_CONCAT_GROUPS,
     ChannelConfig,
     ChannelPlanner,
+    GroupReport,
+    KeptGroup,
     PrunableGroup,
+    analyse_groups,
     build_dependency_graph,
     current_config,
     find_groups,
@@ -22,6 +27,7 @@ from host.graph.surgery import (
     uniform_width_config,
 )
 from host.graph.units import (
+    CONSTANT_SOURCE,
     INPUT_SOURCE,
     FusionUnit,
     UnsupportedLayerError,
@@ -31,13 +37,18 @@ from host.graph.units import (
 )
 
 __all__ = [
+    "CONSTANT_SOURCE",
     "ChannelConfig",
     "ChannelPlanner",
     "FusionUnit",
+    "GroupReport",
     "INPUT_SOURCE",
     "Importance",
+    "KeptGroup",
+    "MAX_CONCAT_GROUPS",
     "PrunableGroup",
     "UnsupportedLayerError",
+    "analyse_groups",
     "apply_config",
     "build_dependency_graph",
     "build_specs",

@@ -109,6 +109,18 @@ def _prune_root(
     return len(drop)
 
 
+def _frozen_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _refreeze(model: nn.Module, frozen: set[str]) -> None:
+    """torch-pruning replaces pruned parameters with new ones that require grad: frozen layers
+    stay frozen."""
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+
+
 def _root_of(model: nn.Module, group: PrunableGroup | int | str, input_shape: Sequence[int]) -> str:
     if isinstance(group, PrunableGroup):
         return group.root
@@ -143,8 +155,10 @@ def prune_group(
     """
     root = _root_of(model, group, input_shape)
     pruned = copy.deepcopy(model)
+    frozen = _frozen_names(model)
     dg = build_dependency_graph(pruned, input_shape)
     _prune_root(dg, pruned, root, n_keep, importance)
+    _refreeze(pruned, frozen)
     return pruned
 
 
@@ -169,11 +183,13 @@ def apply_config(
     now = current_config(model, groups)
     validate_config([dataclasses.replace(g, channels=now[g.id]) for g in groups], config)
     pruned = copy.deepcopy(model)
+    frozen = _frozen_names(model)
     dg = build_dependency_graph(pruned, input_shape)
     by_id = {g.id: g for g in groups}
     removed = 0
     for gid in sorted(config):
         removed += _prune_root(dg, pruned, by_id[gid].root, int(config[gid]), importance)
+    _refreeze(pruned, frozen)
     logger.info("applied config to %d groups, removed %d channels", len(config), removed)
     return pruned
 

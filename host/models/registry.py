@@ -2,6 +2,8 @@
 
 ``build_model`` is the one place a model name is turned into an ``nn.Module``. A user model is
 any importable callable that returns an ``nn.Module``; keyword arguments are passed through.
+``torchvision:NAME`` (or ``torchvision.models:NAME``) is any of torchvision's classification
+models with random weights; ``mobilenet_v3_small`` is one of them, built in.
 ``build_model_for`` additionally fills in ``num_classes`` / ``in_channels`` / ``input_size`` from
 a data set, for built-ins always and for user factories only where their signature accepts them.
 """
@@ -21,6 +23,7 @@ from host.models.efficientnet_lite import efficientnet_lite0
 from host.models.mobilenet_v1 import MobileNetV1
 from host.models.mobilenet_v2 import MobileNetV2
 from host.models.tiny_cnn import TinyCNN
+from host.models.torchvision_zoo import torchvision_factory
 
 __all__ = [
     "build_model",
@@ -40,6 +43,7 @@ _BUILTINS: dict[str, ModelFactory] = {
     "mobilenet_v2": MobileNetV2,
     "efficientnet_lite0": efficientnet_lite0,
     "tiny_cnn": TinyCNN,
+    "mobilenet_v3_small": torchvision_factory("mobilenet_v3_small"),
 }
 # Input (C, H, W) each built-in was designed for; data sets override it.
 _NATIVE_INPUT_SHAPE: dict[str, tuple[int, int, int]] = {
@@ -47,7 +51,9 @@ _NATIVE_INPUT_SHAPE: dict[str, tuple[int, int, int]] = {
     "mobilenet_v2": (3, 224, 224),
     "efficientnet_lite0": (3, 224, 224),
     "tiny_cnn": (1, 28, 28),
+    "mobilenet_v3_small": (3, 224, 224),
 }
+_TORCHVISION_PREFIXES = ("torchvision:", "torchvision.models:")
 _SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DATA_KWARGS = ("num_classes", "in_channels", "input_size")
 
@@ -70,6 +76,19 @@ def resolve_factory(name: str) -> ModelFactory:
     """
     if name in _BUILTINS:
         return _BUILTINS[name]
+    for prefix in _TORCHVISION_PREFIXES:
+        if name.startswith(prefix):
+            from host.models.torchvision_zoo import torchvision_models
+
+            model = name[len(prefix):]
+            try:
+                known = torchvision_models()
+            except ImportError as err:
+                raise ValueError(f"model {name!r}: {err}") from err
+            if model not in known:
+                raise ValueError(f"model {name!r}: torchvision has no classification model "
+                                 f"{model!r}; choose one of {', '.join(known)}")
+            return torchvision_factory(model)
     if not _SPEC_RE.match(name):
         raise ValueError(
             f"unknown model {name!r}: expected one of {', '.join(list_models())} "
@@ -152,6 +171,8 @@ def default_input_shape(name: str, dataset: str | None = None) -> tuple[int, int
             return BUILTIN_DATASETS[dataset].input_shape
     if name in _NATIVE_INPUT_SHAPE:
         return _NATIVE_INPUT_SHAPE[name]
+    if name.startswith(_TORCHVISION_PREFIXES):
+        return (3, 299, 299) if name.endswith(":inception_v3") else (3, 224, 224)
     raise ValueError(
         f"no default input shape for model {name!r} with data set {dataset!r}; "
         "pass the input shape explicitly"
