@@ -174,9 +174,13 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
     if args.resume and args.overwrite:
         raise CommandError("--resume and --overwrite exclude each other")
     splits = load_dataset(args.data, seed=0)
+    # Analysis first: a model NetAdapt cannot adapt is refused in seconds, before any training.
+    from host.models.registry import build_model_for
+    network = analyse(args.model, build_model_for(args.model, splits.input_shape,
+                                                  splits.num_classes, **dict(args.model_arg)),
+                      (1, *splits.input_shape))
     with open_pool(args.device, token_from_args(args), args.threads) as pool:
-        model = _base_model(args, splits)
-        network = analyse(args.model, model, (1, *splits.input_shape))
+        network = network.with_model(_base_model(args, splits))
         if args.overwrite and workdir.exists():
             shutil.rmtree(workdir)
         with open_store(args, pool, session, 1) as store:

@@ -1,8 +1,12 @@
 """A network as NetAdapt sees it: the torch model, its fusion units, its prunable groups and the
-planner that turns a channel configuration into the units of the pruned network."""
+planner that turns a channel configuration into the units of the pruned network.
+
+`analyse` runs every structural check of `host.graph.analysis` first: a model NetAdapt cannot
+adapt is refused in seconds, before anything is trained or measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -11,10 +15,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from device_server.spec import LayerSpec
-from host.graph.groups import ChannelConfig, ChannelPlanner, PrunableGroup, find_groups
+from host.graph.analysis import analyse_model
+from host.graph.groups import (
+    ChannelConfig,
+    ChannelPlanner,
+    KeptGroup,
+    PrunableGroup,
+    current_config,
+)
 from host.graph.onnx_export import export_onnx
 from host.graph.surgery import apply_config
-from host.graph.units import FusionUnit, extract_units
+from host.graph.units import FusionUnit
 from host.models.registry import build_model_for
 
 __all__ = ["Network", "load_network", "analyse", "random_config"]
@@ -30,6 +41,23 @@ class Network:
     units: list[FusionUnit]
     groups: list[PrunableGroup]
     planner: ChannelPlanner
+    kept: list[KeptGroup] = dataclasses.field(default_factory=list)  # groups left unpruned
+    warnings: list[str] = dataclasses.field(default_factory=list)  # from the analysis
+
+    def with_model(self, model: nn.Module) -> Network:
+        """This network with other weights of the same structure (e.g. the trained base).
+
+        Raises:
+            ValueError: `model` has other channel counts than this network.
+        """
+        try:
+            same = current_config(model, self.groups) == self.full_config()
+        except (KeyError, AttributeError):
+            same = False
+        if not same:
+            raise ValueError(f"the model given for {self.name} has another structure than the "
+                             f"one analysed")
+        return dataclasses.replace(self, model=model)
 
     def full_config(self) -> ChannelConfig:
         return {g.id: g.channels for g in self.groups}
@@ -49,19 +77,22 @@ class Network:
 
 
 def analyse(name: str, model: nn.Module, input_shape: Sequence[int]) -> Network:
-    """Traces `model` into fusion units and prunable groups.
+    """Checks `model` (see `host.graph.analysis`) and traces it into fusion units and prunable
+    groups; warnings are logged once each. The model is put in eval mode.
 
     Raises:
-        UnsupportedLayerError: a layer the analysis cannot handle (named in the message).
+        UnsupportedLayerError: the model cannot be adapted: a layer the analysis cannot handle,
+            outputs that are not logits, nothing trainable or nothing prunable (named in the
+            one-line message).
     """
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 4:
         raise ValueError(f"input shape must be (N, C, H, W), got {list(shape)}")
+    report = analyse_model(model, shape)
     model.eval()
-    units = extract_units(model, shape)
-    groups = find_groups(model, shape, units)
-    return Network(name, model, shape, units, groups,  # type: ignore[arg-type]
-                   ChannelPlanner(units, groups))
+    groups = report.groups.groups
+    return Network(name, model, shape, report.units, groups,  # type: ignore[arg-type]
+                   ChannelPlanner(report.units, groups), report.groups.kept, report.warnings)
 
 
 def load_network(name: str, input_shape: Sequence[int] = (1, 1, 28, 28),

@@ -4,6 +4,10 @@ Everything here is deterministic given ``TrainConfig.seed``: shuffling uses a se
 ``torch.Generator`` and the global RNG (dropout, stochastic depth, fresh layers) is seeded inside
 ``torch.random.fork_rng`` so the caller's RNG state is left as it was. The number of CPU threads
 is whatever the caller set.
+
+A model may return a tuple (GoogLeNet and Inception do while training): the first element is the
+logits, and each further one auxiliary logits whose loss is added with weight
+``AUX_LOSS_WEIGHT``; evaluation reads the first.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from host.data import DataSplits, load_dataset
+from host.graph.analysis import logits_of
 from host.models.registry import build_model_for
 
 __all__ = [
+    "AUX_LOSS_WEIGHT",
     "PretrainedBase",
     "TrainConfig",
     "TrainResult",
@@ -43,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1  # bump when the cache file layout or key changes
+AUX_LOSS_WEIGHT = 0.3  # auxiliary heads' losses, as GoogLeNet's and Inception's recipes weigh them
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ def train(
             while len(losses) < total:
                 for images, labels in loader:
                     images, labels = images.to(device), labels.to(device)
-                    loss = loss_fn(model(images), labels)
+                    loss = _loss(loss_fn, model(images), labels)
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise FloatingPointError(
@@ -212,7 +219,7 @@ def evaluate(model: nn.Module, dataset: Dataset[Any], batch_size: int = 256) -> 
     model.eval()
     correct = total = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(images.to(device))  # (B, num_classes)
+        logits = logits_of(model(images.to(device)))  # (B, num_classes)
         correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
         total += int(labels.numel())
     model.train(was_training)
@@ -366,6 +373,16 @@ def pretrained_base(
     }
     _save_cache(path, model, meta)
     return PretrainedBase(model, splits, holdout_acc, test_acc, False, path, result)
+
+
+def _loss(loss_fn: nn.Module, output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits, plus `AUX_LOSS_WEIGHT` times that of each auxiliary output."""
+    loss: torch.Tensor = loss_fn(logits_of(output), labels)
+    if isinstance(output, (tuple, list)):
+        for aux in output[1:]:
+            if isinstance(aux, torch.Tensor):
+                loss = loss + AUX_LOSS_WEIGHT * loss_fn(aux, labels)
+    return loss
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -317,8 +317,8 @@ def _pins(units: Sequence[FusionUnit], flow: _Flow, candidates: Sequence[_Candid
     for u, ins, outs in zip(units, flow.inputs, flow.out, strict=True):
         if u.rule == "fixed":
             pin(frozenset().union(*ins) if ins else _EMPTY,
-                f"its channels reach {_fixed_what(u)} at {u.name!r}, whose shape cannot follow "
-                f"a pruned count")
+                u.note or f"its channels reach {_fixed_what(u)} at {u.name!r}, whose shape "
+                          f"cannot follow a pruned count")
             continue
         if u.rule == "concat":
             joined = frozenset().union(*ins)
@@ -355,8 +355,6 @@ def _pins(units: Sequence[FusionUnit], flow: _Flow, candidates: Sequence[_Candid
 
 def _fixed_what(u: FusionUnit) -> str:
     op = u.core.node_op if u.core.op is OpKind.NODE else u.core.op.value
-    if op == "Reshape":
-        return "a reshape that pins sizes or moves the channel axis"
     if op == "Split":
         return "a split (its parts would depend on which filters go)"
     if op == "Transpose":

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from host.graph.analysis import logits_of
+
 __all__ = ["OPSET", "export_onnx", "check_onnx"]
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def check_onnx(
     seed: int = 0,
 ) -> float:
     """Run `onnx_model` in ONNX Runtime (CPU) and `model` in torch (eval) on the same random
-    input; returns the largest absolute difference.
+    input; returns the largest absolute difference of the first output (the logits).
 
     Raises:
         ValueError: the outputs differ beyond `atol + rtol * |torch output|`, or their shapes
@@ -127,9 +129,9 @@ def check_onnx(
     x = torch.randn(tuple(int(d) for d in input_shape), generator=generator)  # (N, C, H, W)
     frozen = copy.deepcopy(model).eval()
     with torch.no_grad():
-        expected = frozen(x).numpy()
+        expected = logits_of(frozen(x)).numpy()
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # the first output
     if got.shape != expected.shape:
         raise ValueError(f"ONNX output shape {got.shape} differs from torch {expected.shape}")
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0

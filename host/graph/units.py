@@ -108,6 +108,7 @@ class FusionUnit:
     rule: ChannelRule = "own"
     carry_from: int = 0  # "carry": the input whose channel count the output has
     out_channels_by_port: tuple[int, ...] = ()  # channel count of each output, as traced
+    note: str = ""  # "fixed": why its shapes cannot follow pruning, for messages
 
     @property
     def specs(self) -> tuple[LayerSpec, ...]:
@@ -261,6 +262,7 @@ class _Draft:
     rule: ChannelRule = "own"
     carry_from: int = 0
     out_channels: list[int] = field(default_factory=list)  # per output port, as traced
+    note: str = ""
     activation: Activation = Activation.NONE
     residual_add: bool = False
     batch_norm_open: bool = False  # conv whose output nothing has consumed yet
@@ -435,6 +437,7 @@ class _Walker:
             rule=d.rule,
             carry_from=d.carry_from,
             out_channels_by_port=tuple(d.out_channels) or (_out_channels(d),),
+            note=d.note,
         )
 
     def _mark_outputs(self, node: fx.Node) -> None:
@@ -658,10 +661,18 @@ class _Walker:
             self._free(node, x, transparent=False)
             return
         idx = self._node_unit(node, reshape_draft(node, x), None)
-        why = (f"the constant size(s) {pinned} in {node.target}(...)" if pinned
-               else f"a reshape of {list(si)} to {list(so)} that moves the channel axis")
+        target = getattr(node.target, "__name__", node.target)
+        if keeps_axis:
+            sizes = ", ".join(str(p) for p in pinned)
+            why = (f"reshaped by {target}() with the constant size {sizes} at {node.name!r}; "
+                   f"compute the shape from the tensor (torch.flatten(x, 1) or "
+                   f"x.view(x.size(0), -1)) to let NetAdapt prune it")
+        else:
+            why = (f"reshaped from {list(si)} to {list(so)} at {node.name!r}, which splits or "
+                   f"moves the channel axis (a channel shuffle)")
         logger.debug("unit %d is a fixed Reshape: %s", idx, why)
         self.drafts[idx].rule = "fixed"
+        self.drafts[idx].note = why
 
     # -- fixed kinds -----------------------------------------------------------------------
     def _input(self, node: fx.Node, x: Any) -> tuple[int, int, tuple[int, ...]]:
