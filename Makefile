@@ -22,6 +22,9 @@ help:
 	@echo "                   install or update the daemon on a device and start it"
 	@echo "make device-status DEVICE=...   is it running and serving for this host?"
 	@echo "make device-stop   DEVICE=...   stop it"
+	@echo "make device-wheels PLATFORM=aarch64 [PYTHON_VERSION=3.11] [GLIBC=2.28] [WHEELS_DIR=d]"
+	@echo "                   the daemon's wheels for a device without internet (--wheelhouse)"
+	@echo "make test-arm      deploy to an aarch64 board (qemu-user) and measure there"
 
 # torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml setup.py
@@ -48,8 +51,19 @@ lint: $(STAMP) protos
 typecheck: $(STAMP) protos
 	$(BIN)/mypy device_server host lut
 
-test: lint typecheck
+test: lint typecheck test-deps
 	$(BIN)/python -m pytest -q
+
+# The deploy tests' second hosts (sshd in a network namespace, an aarch64 board under
+# qemu-user) need system packages: installed as root where apt-get is, else one line says why
+# those tests will be skipped.
+.PHONY: test-deps test-arm
+test-deps:
+	@tests/system_deps.sh
+
+# Only the aarch64 board: build (once) or reuse the arm64 userland, deploy, measure, stop.
+test-arm: $(STAMP) protos test-deps
+	$(BIN)/python -m pytest -q tests/test_deploy_arm.py
 
 bench-device: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_device.py --out bench-results/device.json
@@ -85,6 +99,19 @@ device-status: $(STAMP) protos
 device-stop: $(STAMP) protos
 	$(NEED_DEVICE)
 	$(BIN)/netadapt-deploy stop --device '$(DEVICE)' $(DEPLOY_ARGS)
+
+# The daemon's Python packages as wheels for a device without internet, downloaded here for the
+# device's machine (uname -m), Python and glibc; then DEPLOY_ARGS="--wheelhouse DIR".
+.PHONY: device-wheels
+PLATFORM       ?=
+PYTHON_VERSION ?= 3.11
+GLIBC          ?= 2.28
+WHEELS_DIR     ?=
+device-wheels: $(STAMP)
+	@test -n "$(PLATFORM)" || { echo "usage: make $@ PLATFORM=aarch64|x86_64 \
+	[PYTHON_VERSION=3.11] [GLIBC=2.28] [WHEELS_DIR=DIR]" >&2; exit 2; }
+	$(BIN)/netadapt-deploy wheels --platform '$(PLATFORM)' --python-version '$(PYTHON_VERSION)' \
+		--glibc '$(GLIBC)' $(if $(WHEELS_DIR),--out '$(WHEELS_DIR)')
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

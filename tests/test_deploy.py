@@ -16,19 +16,14 @@ tests/test_deploy_arm.py does the same on an aarch64 userland.
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,10 +44,10 @@ from host.deploy.remote import TERMUX_PACKAGES, RemoteSettings, parse_report, re
 from host.deploy.ssh import SshOptions, ssh_command
 from host.deploy.target import AdbTarget, SshTarget, TargetError, parse_device
 from host.deploy.tokens import read_host_token, token_path, write_host_token
+from tests.helpers_device_hosts import DeviceHost, why_not_namespace, x86_host
 from tests.test_daemon_process import NO_TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
-SSHD = Path("/usr/sbin/sshd")
 DEVICE_SSH_PORT = 8022  # as Termux's sshd
 DAEMON_PORT = 50051
 
@@ -317,112 +312,13 @@ def test_host_token_file_is_private(tmp_path: Path) -> None:
 
 
 # -- a second host: network namespace + sshd ---------------------------------------------------
-@dataclass(frozen=True)
-class DeviceHost:
-    namespace: str
-    address: str            # the device's own address, reached through the veth pair
-    ssh_config: Path        # key, known host key; nothing from the user's ~/.ssh
-
-    def ssh(self, command: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), "-p", str(DEVICE_SSH_PORT),
-                               f"root@{self.address}", command],
-                              capture_output=True, text=True, timeout=60)
-
-
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
-def _free_subnet() -> ipaddress.IPv4Network:
-    used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
-    for _ in range(100):
-        third, fourth = secrets.randbelow(256), 4 * secrets.randbelow(64)
-        net = ipaddress.IPv4Network(f"10.231.{third}.{fourth}/30")
-        if f"inet {net[1]}/" not in used and f"inet {net[2]}/" not in used:
-            return net
-    raise AssertionError("no free 10.231.x.y/30 subnet")
-
-
-def _namespace_pids(namespace: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
 @pytest.fixture(scope="module")
 def device_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceHost]:
-    if os.geteuid() != 0:
-        pytest.skip("a network namespace for the device needs root")
-    missing = [p for p in (str(SSHD), "ip", "ssh", "ssh-keygen") if shutil.which(p) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (.ci/run installs openssh-server)")
-    tmp = tmp_path_factory.mktemp("device-host")
-    tag = secrets.token_hex(3)
-    namespace, veth_host, veth_device = f"netadapt-{tag}", f"na{tag}h", f"na{tag}d"
-    net = _free_subnet()
-    host_ip, device_ip = str(net[1]), str(net[2])
-    try:
-        _sh("ip", "netns", "add", namespace)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
-    sshd: subprocess.Popen[bytes] | None = None
-    sshd_log = open(tmp / "sshd.log", "wb")  # noqa: SIM115 (closed in finally)
-    try:
-        _sh("ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_device)
-        _sh("ip", "link", "set", veth_device, "netns", namespace)
-        _sh("ip", "addr", "add", f"{host_ip}/30", "dev", veth_host)
-        _sh("ip", "link", "set", veth_host, "up")
-        inside = ("ip", "netns", "exec", namespace)
-        _sh(*inside, "ip", "addr", "add", f"{device_ip}/30", "dev", veth_device)
-        _sh(*inside, "ip", "link", "set", veth_device, "up")
-        _sh(*inside, "ip", "link", "set", "lo", "up")
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "host_key"))
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "user_key"))
-        shutil.copy(tmp / "user_key.pub", tmp / "authorized_keys")
-        host_key = (tmp / "host_key.pub").read_text().split()
-        (tmp / "known_hosts").write_text(
-            f"[{device_ip}]:{DEVICE_SSH_PORT} {host_key[0]} {host_key[1]}\n")
-        (tmp / "sshd_config").write_text(textwrap.dedent(f"""\
-            ListenAddress {device_ip}
-            Port {DEVICE_SSH_PORT}
-            HostKey {tmp}/host_key
-            PidFile {tmp}/sshd.pid
-            AuthorizedKeysFile {tmp}/authorized_keys
-            PermitRootLogin prohibit-password
-            PasswordAuthentication no
-            KbdInteractiveAuthentication no
-            StrictModes no
-            UsePAM no
-            PrintMotd no
-            """))
-        (tmp / "ssh_config").write_text(textwrap.dedent(f"""\
-            IdentityFile {tmp}/user_key
-            IdentitiesOnly yes
-            UserKnownHostsFile {tmp}/known_hosts
-            StrictHostKeyChecking yes
-            """))
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation
-        sshd = subprocess.Popen([*inside, str(SSHD), "-D", "-e", "-f", str(tmp / "sshd_config")],
-                                stderr=sshd_log)
-        host = DeviceHost(namespace, device_ip, tmp / "ssh_config")
-        deadline = time.monotonic() + 20
-        while (probe := host.ssh("true")).returncode != 0:
-            if sshd.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"sshd did not start: {probe.stderr}\n"
-                                     f"{(tmp / 'sshd.log').read_text()}")
-            time.sleep(0.2)
+    reason = why_not_namespace()
+    if reason:
+        pytest.skip(reason)
+    with x86_host(tmp_path_factory.mktemp("device-host"), DEVICE_SSH_PORT) as host:
         yield host
-    finally:
-        # Whatever runs on the "device" was started by this fixture: sshd and the daemon.
-        for pid in _namespace_pids(namespace):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        if sshd is not None:
-            sshd.wait(timeout=10)
-        sshd_log.close()
-        subprocess.run(["ip", "link", "del", veth_host], capture_output=True)
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
 def _measure(address: str, token_file: Path) -> float:
