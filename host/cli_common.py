@@ -130,13 +130,14 @@ def run_command(prog: str, run: Callable[[], int], err: TextIO | None = None,
         err.write(f"{prog}: error: {message}\n")
         return code
 
+    from host.engine.failures import RunFailure
     from lut.errors import LutError
 
     try:
         return run()
     except (CommandError, TokenFileError, InvalidConfigError) as exc:
         return fail(EXIT_USAGE, str(exc))
-    except (DeviceError, FingerprintMismatch, LutError) as exc:
+    except (DeviceError, FingerprintMismatch, LutError, RunFailure) as exc:
         return fail(EXIT_DEVICE, str(exc))
     except DaemonStartError as exc:
         first, _, rest = str(exc).partition("\n")

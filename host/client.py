@@ -68,12 +68,14 @@ T = TypeVar("T")
 
 
 class DeviceError(Exception):
-    """A call to the daemon failed. `code` is the gRPC status code name (e.g. "NOT_FOUND")."""
+    """A call to the daemon failed. `code` is the gRPC status code name (e.g. "NOT_FOUND");
+    `address` the daemon's, when one device is to blame."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, address: str = "") -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.address = address
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -315,6 +317,7 @@ class DeviceClient:
                     "UNAVAILABLE",
                     f"the device daemon at {self.address} was not ready within {timeout_s:g} s "
                     f"({last}); check that the daemon is running there",
+                    self.address,
                 )
             try:
                 reply = self._health.Check(
@@ -469,7 +472,8 @@ class DeviceClient:
         )
         if reply.sha256 and reply.sha256 != sha:
             raise DeviceError(
-                "DATA_LOSS", f"the daemon stored the model as {reply.sha256}, expected {sha}"
+                "DATA_LOSS", f"the daemon stored the model as {reply.sha256}, expected {sha}",
+                self.address,
             )
         logger.info(
             "uploaded model %s (%d bytes) to %s in %.2f s",
@@ -578,7 +582,7 @@ class DeviceClient:
             message = f"{details or 'not authenticated'} (no token was given; pass the daemon's)"
         else:
             message = details or f"{name} failed"
-        return DeviceError(code_name, message)
+        return DeviceError(code_name, message, self.address)
 
     def _measure_stream(
         self,
@@ -605,6 +609,7 @@ class DeviceClient:
                     "DEADLINE_EXCEEDED",
                     f"MeasureStream: {len(pending)} of {total} layers not measured by "
                     f"{self.address} within {total_s:g} s; give the stream more time",
+                    self.address,
                 )
             call = self._stub.MeasureStream(
                 iter(batch), timeout=remaining, metadata=self._metadata
@@ -617,6 +622,7 @@ class DeviceClient:
                         raise DeviceError(
                             "INTERNAL",
                             f"the daemon answered unknown request_id {reply.request_id!r}",
+                            self.address,
                         )
                     progressed = True
                     spec = item[0]
@@ -657,6 +663,7 @@ class DeviceClient:
                     "INTERNAL",
                     f"the daemon closed the stream with {len(pending)} of {total} layers "
                     f"unanswered",
+                    self.address,
                 )
 
 

@@ -178,5 +178,6 @@ class DevicePool:
                 errors[-1].code if errors else "UNAVAILABLE",
                 f"every device of the pool failed with {len(queue)} layers left to measure; "
                 f"last error: {errors[-1] if errors else 'unknown'}",
+                ", ".join(d.address for d in report.devices if d.lost),
             )
         return report

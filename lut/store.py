@@ -25,6 +25,7 @@ raise an error from `lut.errors` instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -60,6 +61,7 @@ __all__ = [
     "LutRow",
     "MergeCounts",
     "LutStore",
+    "LutDiskFull",
     "register_migration",
     "key_of",
 ]
@@ -439,6 +441,15 @@ def _upgrade(conn: sqlite3.Connection, source: Path, version: int) -> None:
         _set_user_version(conn, v + 1)
 
 
+class LutDiskFull(LutError):
+    """A row could not be written for lack of space; every row committed before is kept.
+    `path` is the table."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 # -- file checks --------------------------------------------------------------------------------
 def _check_file_layout(path: Path) -> None:
     """Rejects files SQLite would read without complaint yet wrongly.
@@ -477,6 +488,10 @@ def _check_file_layout(path: Path) -> None:
 def _translate(exc: sqlite3.Error, path: Path, doing: str) -> LutError:
     """An sqlite3 error met while opening, as the LutError a user can act on."""
     name = str(getattr(exc, "sqlite_errorname", ""))
+    if name.startswith("SQLITE_FULL"):
+        return LutDiskFull(
+            f"{path}: the disk is full while {doing} the table: free some space and run again",
+            path)
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return LutError(
             f"{path} stayed locked by another process while {doing} ({exc}); retry, or raise "
@@ -596,7 +611,9 @@ class LutStore:
             ValueError: bad timing values, empty kind, or a spec of another batch size.
         """
         row = self._make_row(spec_or_key, timing, kind, measured_at)
-        with self._lock:
+        what = (f"the row of {spec_or_key.describe()}" if isinstance(spec_or_key, LayerSpec)
+                else f"the {kind} row {row.key}")
+        with self._lock, self._writing(what):
             self._connection().execute(_UPSERT, _row_values(row))
 
     def put_many(
@@ -608,7 +625,8 @@ class LutStore:
     ) -> int:
         """Stores (or replaces) several rows in one transaction; returns how many."""
         values = [_row_values(self._make_row(s, t, kind, measured_at)) for s, t in items]
-        with self._lock, _Immediate(self._connection()) as conn:
+        with self._lock, self._writing(f"{len(values)} rows"), \
+                _Immediate(self._connection()) as conn:
             conn.executemany(_UPSERT, values)
         return len(values)
 
@@ -620,7 +638,8 @@ class LutStore:
             _check_kind(row.kind)
             _check_timing(row.key, row.timing)
         new = skipped = replaced = 0
-        with self._lock, _Immediate(self._connection()) as conn:
+        with self._lock, self._writing(f"{len(incoming)} imported rows"), \
+                _Immediate(self._connection()) as conn:
             present = {(str(k), str(key)) for k, key in conn.execute(
                 "SELECT kind, key FROM lut_rows")}  # fmt: skip
             to_write = []
@@ -766,6 +785,30 @@ class LutStore:
         return f"LutStore({str(self.path)!r}, {self.identity.describe()!r}, {state})"
 
     # -- helpers ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turns SQLite's write failures into errors that say what was kept and what to do.
+        A failed commit rolls back only itself: every row committed before stays."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            name = str(getattr(exc, "sqlite_errorname", ""))
+            if not name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+                raise
+            try:
+                kept = f"the {self.count()} rows committed before are kept"
+            except sqlite3.Error:
+                kept = "every row committed before is kept"
+            shown = what if len(what) <= 80 else what[:80] + "…"
+            if name.startswith("SQLITE_FULL"):
+                raise LutDiskFull(
+                    f"{self.path}: the disk is full; could not store {shown} ({kept}): free "
+                    f"some space and run the same command again (it measures only what is "
+                    f"missing)", self.path) from exc
+            raise LutError(
+                f"{self.path}: the disk failed writing {shown} ({exc}; {kept}): check the "
+                f"disk (space, quota, file size limit, read-only) and run again") from exc
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise LutError(f"LUT {self.path} is closed")
@@ -859,6 +902,13 @@ def _create_file(path: Path, identity: LutIdentity) -> None:
             _initialise(conn, tmp, identity)
         finally:
             conn.close()  # folds the WAL into the file and removes it
+        wal = Path(f"{tmp}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            # The fold failed (a full disk): the schema is only in the WAL, and linking the
+            # bare file would leave a damaged table behind.
+            raise LutDiskFull(
+                f"{path}: the disk is full while creating the table: free some space and run "
+                f"again", path)
         try:
             os.link(tmp, path)
         except FileExistsError:

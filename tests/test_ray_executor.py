@@ -149,3 +149,24 @@ def test_gpus_per_proposal_needs_the_ray_executor(tmp_path: Path) -> None:
                       "--gpus-per-proposal", "0.5", "--workdir", str(tmp_path / "run")],
                      out=io.StringIO(), err=err)
     assert code == 2 and "needs --executor ray" in err.getvalue()
+
+
+def test_a_task_failing_past_its_retries_names_the_proposal(local_ray, table, splits  # type: ignore[no-untyped-def]
+                                                            ) -> None:
+    from host.engine.failures import ProposalTaskFailed, run_failures
+    from tests.helpers_failures import KillAlways
+
+    proposal = _proposals(table)[0]
+    executor = RayExecutor(_context(splits, KillAlways(splits.train)), max_retries=1)
+    try:
+        # A run whose first checkpoint exists (this file stands for it): --resume continues.
+        with pytest.raises(ProposalTaskFailed) as failed, \
+                run_failures(Path("runs/x"), Path(__file__)):
+            executor.run(small_network().model, [proposal], 4)
+    finally:
+        executor.close()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert (f"the Ray task for the proposal of group {proposal.group_id} ({proposal.root} -> "
+            f"{proposal.n_keep} channels) in iteration 4 failed after 1 retries") in message
+    assert message.endswith("continue with --resume --workdir runs/x")

@@ -39,6 +39,7 @@ from torch import nn
 from device_server.spec import SessionSpec
 from host.engine.config import AdaptConfig
 from host.engine.executor import make_executor
+from host.engine.failures import append_line, run_failures, save_checkpoint
 from host.engine.metrics import make_metric
 from host.engine.proposals import (
     ProposalContext,
@@ -283,10 +284,10 @@ class NetAdapt:
     def _save(self, state: _State) -> None:
         path = self.workdir / STATE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(dataclasses.asdict(state) | {"model": state.model}, tmp)
-        os.replace(tmp, path)  # a crash leaves the previous checkpoint whole
-        torch.save(state.model, self.workdir / "checkpoints" / f"iter_{state.iteration:03d}.pt")
+        # Atomic: a crash or a full disk leaves the previous checkpoint whole.
+        save_checkpoint(dataclasses.asdict(state) | {"model": state.model}, path)
+        save_checkpoint(state.model,
+                        self.workdir / "checkpoints" / f"iter_{state.iteration:03d}.pt")
 
     def _load(self) -> _State:
         data = torch.load(self.workdir / STATE_FILE, weights_only=False)
@@ -351,11 +352,13 @@ class NetAdapt:
                               cfg.importance, cfg.short_term_steps, cfg.bn_batches,
                               self._train_config(), cfg.seed)
         executor = make_executor(ctx, cfg)
-        try:
-            state = self._loop(state, history, original_metric, executor)
-        finally:
-            executor.close()
-        return self._finish(state, history, t_start)
+        # A dead worker, a lost device, a full disk: one line naming it, and how to resume.
+        with run_failures(self.workdir, self.workdir / STATE_FILE):
+            try:
+                state = self._loop(state, history, original_metric, executor)
+            finally:
+                executor.close()
+            return self._finish(state, history, t_start)
 
     def _loop(self, state: _State, history: list[IterationRecord], original_metric: float,
               executor: Any) -> _State:
@@ -435,8 +438,7 @@ class NetAdapt:
                 seconds=seconds,
             )
             history.append(record)
-            with self._history_path().open("a") as f:
-                f.write(record.to_json() + "\n")
+            append_line(self._history_path(), record.to_json() + "\n")  # whole, or not at all
             self._save(state)
             if self.on_iteration is not None:
                 self.on_iteration(record)

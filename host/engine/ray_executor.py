@@ -5,7 +5,9 @@ The shared context (the data sets) is put in Ray's object store once per run and
 prune once per iteration; each task carries only references to them and its proposal. Table
 look-ups stay on the driver. A task whose worker or node dies is retried by Ray (`max_retries`),
 and since each proposal fixes its own seed, a retry gives the result the first try would have.
-Ray is an optional extra: without it, `--executor ray` says how to install it.
+A task that still fails after its retries stops the run with a `ProposalTaskFailed` naming the
+proposal and Ray's reason. Ray is an optional extra: without it, `--executor ray` says how to
+install it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from host.engine.executor import Executor, OnDone
+from host.engine.failures import ProposalTaskFailed, describe_proposal
 from host.engine.proposals import Proposal, ProposalContext, ProposalResult, evaluate_proposal
 
 __all__ = ["RayExecutor", "RayUnavailable", "RayClusterUnreachable", "import_ray"]
@@ -67,6 +70,7 @@ class RayExecutor(Executor):
                     f"cannot reach the Ray cluster at {address}: {exc}; check --ray-address "
                     f"(the head's address printed by `ray start --head`)") from None
         self._ctx_ref = ray.put(ctx)  # the data sets cross to the object store once per run
+        self.max_retries = max_retries
         self._task = ray.remote(_evaluate_task).options(
             num_cpus=cpus_per_proposal, num_gpus=gpus_per_proposal, max_retries=max_retries,
             retry_exceptions=False)  # a bug is not retried; a dead worker or node is
@@ -76,18 +80,40 @@ class RayExecutor(Executor):
         ray = self._ray
         model_ref = ray.put(model)  # once per iteration, shared by its tasks
         refs = [self._task.remote(model_ref, p, iteration, self._ctx_ref) for p in proposals]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: dict[int, ProposalResult] = {}
         try:
             pending = list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                if on_done is not None:
-                    for ref in ready:
-                        on_done(ray.get(ref))
-            return list(ray.get(refs))  # in proposal order, whatever order they finished in
+                for ref in ready:
+                    i = index[ref]
+                    try:
+                        results[i] = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        raise self._failed(exc, proposals[i], iteration) from None
+                    if on_done is not None:
+                        on_done(results[i])
+            return [results[i] for i in range(len(refs))]  # in proposal order
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
+
+    def _failed(self, exc: BaseException, proposal: Proposal, iteration: int
+                ) -> ProposalTaskFailed:
+        """One line: which proposal, how often it was tried, Ray's reason (first lines)."""
+        retried = self._ray.exceptions.RayTaskError
+        cause = getattr(exc, "cause", None) if isinstance(exc, retried) else None
+        if cause is not None:  # the task itself raised: not retried (it would raise again)
+            reason = f"raised {type(cause).__name__}: {cause}"
+        else:
+            reason = f"failed after {self.max_retries} retries ({type(exc).__name__}: {exc})"
+        text = " ".join(line.strip() for line in reason.splitlines() if line.strip())
+        if len(text) > 400:
+            text = text[:400] + "…"
+        return ProposalTaskFailed(
+            f"the Ray task for the {describe_proposal(proposal, iteration)} {text}")
 
     def close(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
