@@ -3,13 +3,14 @@
 `ro.product.manufacturer` / `ro.product.model` name the phone ("Google" / "Pixel 8"),
 `ro.soc.manufacturer` / `ro.soc.model` its chip (Android 12 and later), and
 `ro.build.fingerprint` the exact OS build. All are read-only properties set at build time: the
-same after every reboot, changed by an OS update. Termux can run `getprop` (/system/bin);
-one call lists them all as `[key]: [value]` lines.
+same after every reboot, changed by an OS update. Termux can run /system/bin/getprop (not on
+its PATH); one call lists them all as `[key]: [value]` lines.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -38,7 +39,11 @@ def parse_getprop(text: str) -> dict[str, str]:
 def read_props(program: str | None = "getprop", timeout_s: float = 10.0) -> dict[str, str]:
     """The identity properties (IDENTITY_PROPS) that are set; {} off Android or when
     `program` (looked up on PATH; None: never) does not run."""
-    path = shutil.which(program) if program else None
+    if not program:
+        return {}
+    path = shutil.which(program)
+    if path is None and "/" not in program and os.access(f"/system/bin/{program}", os.X_OK):
+        path = f"/system/bin/{program}"  # Termux's PATH holds only its own prefix
     if path is None:
         return {}
     try:

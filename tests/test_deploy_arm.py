@@ -56,7 +56,7 @@ def timings() -> Iterator[Timings]:
     yield steps
     if steps:
         line = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in steps.items())
-        sys.__stdout__.write(f"\naarch64 board (qemu-user): {line}\n")
+        print(f"\naarch64 board (qemu-user): {line}", file=sys.__stdout__ or sys.stdout)
 
 
 @pytest.fixture(scope="module")
