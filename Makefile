@@ -7,7 +7,8 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
-.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-run clean help
+.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-run bench-protocol \
+	clean help
 
 help:
 	@echo "make run           set up, start a daemon on loopback, adapt MobileNetV1 on MNIST"
@@ -17,6 +18,7 @@ help:
 	@echo "make bench-lut     full-table build time and estimate-vs-measured error"
 	@echo "make bench-adapt   NetAdapt vs MACs-driven vs uniform width at three budgets"
 	@echo "make bench-scale   one iteration on sequential / local pool / Ray; 1 vs 2 pinned daemons"
+	@echo "make bench-protocol which statistic of a measurement repeats, quiet and noisy"
 	@echo "make bench-run     make run's job 3x quiet and 3x beside a noisy neighbour: budget kept?"
 	@echo "make deploy-device DEVICE=ssh://USER@HOST[:PORT] | DEVICE=adb[:SERIAL]"
 	@echo "                   install or update the daemon on a device and start it"
@@ -76,6 +78,11 @@ bench-adapt: $(STAMP) protos
 
 bench-scale: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
+
+# Which statistic repeats (min / p10 / p25 / median / trimmed mean), quiet and beside a noisy
+# neighbour, and whether a new session changes it (~5 min).
+bench-protocol: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_protocol.py --out bench-results/protocol.json
 
 # `make run` three times quiet and three times beside a noisy neighbour, interleaved (~50 min).
 bench-run: $(STAMP) protos
