@@ -7,7 +7,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
-.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-run bench-protocol \
+.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-models bench-run bench-protocol \
 	clean help
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-adapt   NetAdapt vs MACs-driven vs uniform width at three budgets"
 	@echo "make bench-scale   one iteration on sequential / local pool / Ray; 1 vs 2 pinned daemons"
 	@echo "make bench-protocol which statistic of a measurement repeats, quiet and noisy"
+	@echo "make bench-models  12 torchvision models at 224x224: analysis, lut validate, 2-iteration adapt"
 	@echo "make bench-run     make run's job 3x quiet and 3x beside a noisy neighbour: budget kept?"
 	@echo "make deploy-device DEVICE=ssh://USER@HOST[:PORT] | DEVICE=adb[:SERIAL]"
 	@echo "                   install or update the daemon on a device and start it"
@@ -78,6 +79,11 @@ bench-adapt: $(STAMP) protos
 
 bench-scale: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
+
+# torchvision's classification models (random weights) at 1x3x224x224: groups found, LUT error
+# over 8 variants, a 2-iteration adapt on 64 upsampled digits (~1 h on 2 shared cores).
+bench-models: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_models.py --out bench-results/models.json
 
 # Which statistic repeats (min / p10 / p25 / median / trimmed mean), quiet and beside a noisy
 # neighbour, and whether a new session changes it (~5 min).

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from device_server.spec import LayerSpec
 from lut.calibration import (
@@ -51,8 +52,30 @@ class LutMissingKeyError(LutError, KeyError):
         return str(self.args[0])
 
 
+def _node_family(d: Mapping[str, Any]) -> tuple[_Family, int, int]:
+    """A NODE unit's family: its dict with the input's channel count written "C" wherever it
+    appears as a channel (axis 1 of a tensor, the length of a per-channel weight) and the
+    output's written "K"; what remains (op, attributes, spatial sizes, other inputs) is fixed."""
+    shape = list(d["input_shape"])
+    cin = int(shape[1]) if len(shape) > 1 else 1
+    out = list(d["out_shapes"][0])
+    cout = int(out[1]) if len(out) > 1 else 1
+
+    def channels(dims: list[int], value: int, mark: str) -> list[object]:
+        axis = 1 if len(dims) > 1 else 0
+        return [mark if i == axis and v == value else v for i, v in enumerate(dims)]
+
+    operands = [{**o, "shape": channels(list(o["shape"]), cin, "C")} if o["kind"] != "const"
+                else o for o in d["operands"]]
+    abstract = {**d, "input_shape": channels(shape, cin, "C"), "operands": operands,
+                "out_shapes": [channels(list(o), cout, "K") for o in d["out_shapes"]]}
+    return (("node", json.dumps(abstract, sort_keys=True)),), cin, cout
+
+
 def _family(d: Mapping[str, object]) -> tuple[_Family, int, int]:
     """(what stays fixed when channels change, in channels, out channels) of a spec dict."""
+    if d.get("op") == "node":
+        return _node_family(d)
     shape = list(d["input_shape"])  # type: ignore[call-overload]
     cin = int(shape[1])
     cout = int(d.get("out_channels") or 0)  # type: ignore[call-overload]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -52,25 +53,31 @@ def _ops_missing() -> bool:
     return True
 
 
+def declare_missing_ops() -> None:
+    """Declares the op schemas torchvision's import needs when its compiled ops cannot load
+    (once per process; nothing when they load). `import host` runs this before the first
+    `import torchvision` anywhere in the process."""
+    global _library
+    if "torchvision" in sys.modules or _library is not None or not _ops_missing():
+        return
+    logger.debug("torchvision's compiled ops do not load with this torch; declaring %s",
+                 ", ".join(_OP_SCHEMAS))
+    _library = torch.library.Library("torchvision", "DEF")
+    for schema in _OP_SCHEMAS.values():
+        _library.define(schema)
+
+
 def import_torchvision() -> ModuleType:
     """`torchvision`, imported so that its classification models work with a CPU torch.
 
     Raises:
         ImportError: torchvision is not installed (the message says how to install it).
     """
-    global _library
     if importlib.util.find_spec("torchvision") is None:
         raise ImportError(
             "torchvision is not installed: pip install 'netadapt[host]' (or torchvision==0.28.0 "
             "--no-deps, the release built for torch 2.13)")
-    import sys
-
-    if "torchvision" not in sys.modules and _library is None and _ops_missing():
-        logger.debug("torchvision's compiled ops do not load with this torch; declaring %s",
-                     ", ".join(_OP_SCHEMAS))
-        _library = torch.library.Library("torchvision", "DEF")
-        for schema in _OP_SCHEMAS.values():
-            _library.define(schema)
+    declare_missing_ops()
     import torchvision
 
     return torchvision
