@@ -22,6 +22,7 @@ import onnxruntime as ort
 from device_server.builder import build_identity_model, build_layer_model
 from device_server.device_info import read_state
 from device_server.errors import DeadlineError, ResourceLimitError, UnavailableProviderError
+from device_server.inputs import InputFeed, feeds_key
 from device_server.model_check import check_provider_options
 from device_server.model_store import ModelStore
 from device_server.queue import Cancelled, DeviceQueue
@@ -127,12 +128,13 @@ class Measurer:
         input_shapes: dict[str, tuple[int, ...]] | None = None,
         deadline: float | None = None,
         is_active: Callable[[], bool] | None = None,
+        input_feeds: dict[str, InputFeed] | None = None,
     ) -> Timed:
         blob = self.models.get(sha256)
         shapes = input_shapes or {}
         shape_key = ";".join(f"{k}={list(v)}" for k, v in sorted(shapes.items()))
         return self._measure(
-            ("model", sha256, shape_key),
+            ("model", sha256, shape_key, feeds_key(input_feeds)),
             sha256[:16],
             lambda: blob,
             f"model {sha256[:16]}",
@@ -141,6 +143,7 @@ class Measurer:
             deadline,
             is_active,
             shapes,
+            input_feeds,
         )
 
     # -- internals -----------------------------------------------------------------------
@@ -179,6 +182,7 @@ class Measurer:
         deadline: float | None,
         is_active: Callable[[], bool] | None,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
+        input_feeds: dict[str, InputFeed] | None = None,
     ) -> Timed:
         policy.validate()
         resolved = self._resolve_session(session)
@@ -197,7 +201,7 @@ class Measurer:
                 started = time.time_ns()
                 job = Job(cache_key, resolved, policy, self.limits.max_measure_s,
                           None if deadline is None else deadline - time.monotonic(),
-                          input_shapes)
+                          input_shapes, input_feeds)
                 timing = self.worker.measure(job, model_bytes, what, stop)
                 finished = time.time_ns()
         except JobCancelled as exc:

@@ -248,6 +248,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             wire.session_from_proto(request.session),
             wire.policy_from_proto(request.policy),
             input_shapes=shapes,
+            input_feeds=wire.feeds_from_proto(request.inputs),
             deadline=_deadline(context),
             is_active=context.is_active,
         )

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from device_server.errors import DeadlineError, InvalidConfigError, ResourceLimitError
+from device_server.inputs import InputFeed, graph_ranges, make_input
 from device_server.interference import CpuMeter, preemptions
 from device_server.spec import GraphOptimization, MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats, summarize
@@ -40,18 +41,6 @@ _ORT_LEVELS = {
     GraphOptimization.ENABLE_EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     GraphOptimization.ENABLE_ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
 
 @dataclass
 class PreparedSession:
@@ -70,13 +59,20 @@ def create_session(
     spec: SessionSpec,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    feeds: Mapping[str, InputFeed] | None = None,
 ) -> PreparedSession:
-    """Creates an ORT session for `model_bytes` under `spec`, with random inputs bound.
+    """Creates an ORT session for `model_bytes` under `spec`, with its inputs bound once and
+    run once to check that the model takes them.
 
-    Symbolic input dimensions take `input_shapes[name]` when given, else 1.
+    Inputs are fed as `feeds[name]` says (exact values, or random values in a range); the others
+    random, within what the graph can take where it tells (`inputs.graph_ranges`: e.g. a
+    Gather's indices stay inside its table). Symbolic input dimensions take
+    `input_shapes[name]` when given, else 1.
 
     Raises:
-        InvalidConfigError: the bytes are not a model ORT can load, or a shape is bad.
+        InvalidConfigError: the bytes are not a model ORT can load, a shape or value is bad, a
+            feed names no input, or the model fails on its inputs (the message says which and
+            how they were fed).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = spec.intra_op_threads
@@ -99,6 +95,15 @@ def create_session(
     rng = np.random.default_rng(seed)
     binding = session.io_binding()
     shapes = input_shapes or {}
+    given = dict(feeds or {})
+    names = [inp.name for inp in session.get_inputs()]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InvalidConfigError(f"the model has no input {unknown[0]!r}; its inputs are "
+                                 f"{', '.join(names)}")
+    if any(inp.type != "tensor(float)" and inp.name not in given
+           for inp in session.get_inputs()):
+        given = {**graph_ranges(model_bytes), **given}
     for inp in session.get_inputs():
         dims = shapes.get(inp.name)
         if dims is None:
@@ -108,13 +113,19 @@ def create_session(
                 f"input {inp.name!r} has rank {len(inp.shape)} ({inp.shape}); "
                 f"got shape {list(dims)}"
             )
-        dtype = _NUMPY_TYPES.get(inp.type)
-        if dtype is None:
-            raise InvalidConfigError(f"input {inp.name!r} has unsupported type {inp.type}")
-        data: np.ndarray = rng.standard_normal(dims).astype(dtype)
+        data = make_input(inp.name, inp.type, dims, given.get(inp.name), rng)
         binding.bind_cpu_input(inp.name, data)
     for out in session.get_outputs():
         binding.bind_output(out.name)
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad inputs
+        fed = "; ".join(f"{n}: {given[n].describe() if n in given else 'random normal'}"
+                        for n in names)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InvalidConfigError(
+            f"the model fails on its inputs ({fed}): {first}; give values or ranges "
+            f"(netadapt-bench model --input NAME=int:LOW..HIGH, or --inputs FILE.npz)") from exc
     return PreparedSession(session=session, binding=binding, create_ms=create_ms)
 
 

@@ -3,7 +3,12 @@ messages. Both sides of the wire use these; nothing else touches message fields.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
+
 from device_server.errors import InvalidConfigError
+from device_server.inputs import InputFeed, dtype_named
 from device_server.spec import (
     DEFAULT_PROVIDER,
     Activation,
@@ -19,6 +24,8 @@ from device_server.stats import Conditions, TimingStats
 from protos import device_pb2 as pb
 
 __all__ = [
+    "feeds_to_proto",
+    "feeds_from_proto",
     "layer_to_proto",
     "layer_from_proto",
     "session_to_proto",
@@ -119,6 +126,44 @@ def _attribute_from_proto(msg: pb.NodeAttribute) -> tuple[str, AttrValue]:
     if which in ("ints", "floats"):
         return msg.name, tuple(getattr(msg, which).values)
     return msg.name, getattr(msg, which)
+
+
+def feeds_to_proto(feeds: Mapping[str, InputFeed]) -> dict[str, pb.InputValues]:
+    """Per-input feeds as MeasureModelRequest.inputs."""
+    out = {}
+    for name, feed in feeds.items():
+        if feed.values is not None:
+            values = np.ascontiguousarray(feed.values)
+            little = values.astype(values.dtype.newbyteorder("<"), copy=False)
+            out[name] = pb.InputValues(tensor=pb.TensorValues(
+                dims=list(values.shape), dtype=values.dtype.name, data=little.tobytes()))
+        else:
+            out[name] = pb.InputValues(range=pb.ValueRange(low=feed.low, high=feed.high,
+                                                           integer=feed.integer))
+    return out
+
+
+def feeds_from_proto(inputs: Mapping[str, pb.InputValues]) -> dict[str, InputFeed]:
+    """Raises InvalidConfigError for values that do not fill their shape, an unknown dtype or
+    an empty range."""
+    out = {}
+    for name, msg in inputs.items():
+        which = msg.WhichOneof("source")
+        if which == "tensor":
+            t = msg.tensor
+            dtype = np.dtype(dtype_named(t.dtype)).newbyteorder("<")
+            count = int(np.prod(t.dims)) if t.dims else 1
+            if len(t.data) != count * dtype.itemsize:
+                raise InvalidConfigError(
+                    f"input {name!r}: {len(t.data)} bytes do not hold {count} {t.dtype} values "
+                    f"of shape {list(t.dims)}")
+            values = np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.dims))
+            out[name] = InputFeed(values.astype(dtype.newbyteorder("=")))
+        elif which == "range":
+            out[name] = InputFeed.range(msg.range.low, msg.range.high, msg.range.integer)
+        else:
+            raise InvalidConfigError(f"input {name!r}: give values or a range")
+    return out
 
 
 def layer_from_proto(msg: pb.LayerConfig) -> LayerSpec:

@@ -41,6 +41,7 @@ from types import FrameType
 from typing import IO, Any
 
 from device_server.errors import InvalidConfigError, MeasurementError
+from device_server.inputs import InputFeed
 from device_server.spec import MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats
 
@@ -90,6 +91,7 @@ class Job:
     cap_s: float                                  # the daemon's cap on one measurement
     deadline_in_s: float | None                   # the client's deadline, seconds from now
     input_shapes: dict[str, tuple[int, ...]] | None = None
+    input_feeds: dict[str, InputFeed] | None = None  # a model's input values or ranges
 
 
 # -- the worker side --------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def _serve(conn: Connection, cache_size: int) -> None:
                     continue
                 try:
                     with interruptible:
-                        prepared = create_session(blob, job.session, job.input_shapes)
+                        prepared = create_session(blob, job.session, job.input_shapes,
+                                                  feeds=job.input_feeds)
                 except InvalidConfigError:
                     raise
                 except Exception as exc:

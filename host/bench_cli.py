@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from device_server.errors import InvalidConfigError
+from device_server.inputs import InputFeed
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
 from host.cli_common import CommandError, parse_command_line, run_command
-from host.client import DeviceClient, DeviceInfo, MeasureFailure, Measurement
+from host.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
 from host.daemon import start_local_daemon
 from host.device_summary import clusters_line, pinning_line
 from host.devices import TokenFileError, read_token
@@ -115,6 +116,38 @@ def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,... (positive dims), got {text!r}")
     return name, shape
+
+
+def _input_range(text: str) -> tuple[str, InputFeed]:
+    """`NAME=int:0..1` or `NAME=float:-1.5..2`."""
+    name, sep, rest = text.partition("=")
+    kind, colon, bounds = rest.partition(":")
+    low_text, dots, high_text = bounds.partition("..")
+    usage = f"expected NAME=int:LOW..HIGH or NAME=float:LOW..HIGH, got {text!r}"
+    if not sep or not name or not colon or not dots or kind not in ("int", "float"):
+        raise argparse.ArgumentTypeError(usage)
+    try:
+        cast = int if kind == "int" else float
+        low, high = cast(low_text), cast(high_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
+    if high < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: LOW must not exceed HIGH")
+    return name, InputFeed.range(low, high, integer=kind == "int")
+
+
+def _read_npz(path: str) -> dict[str, InputFeed]:
+    """Exact input values from a numpy .npz (one array per input name)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read input values from {path}: {exc}") from None
+    if not arrays:
+        raise InputError(f"{path} holds no arrays; save one per input name with numpy.savez")
+    return {name: InputFeed(values=a) for name, a in arrays.items()}
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -208,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an .onnx file")
     p.add_argument("--input-shape", type=_input_shape, action="append", default=[],
                    metavar="NAME=D1,D2,..", help="shape of an input with symbolic dims")
+    p.add_argument("--input", type=_input_range, action="append", default=[],
+                   metavar="NAME=int:LOW..HIGH",
+                   help="draw an input's values in a range (int: both ends included; or "
+                        "float:LOW..HIGH); default: random, within what the graph takes where "
+                        "it tells (a Gather's indices inside its table)")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="exact input values, one array per input name (numpy.savez)")
 
     p = add("batch", "time many layers: LayerSpec dicts, one JSON a line (or one JSON list)")
     p.add_argument("path", help="a .jsonl or .json file ('-' for stdin)")
@@ -472,9 +512,16 @@ def _prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> _Job:
     if args.command == "model":
         data = _read_model(args.path)
         shapes = dict(args.input_shape)
+        feeds = {**(_read_npz(args.inputs) if args.inputs else {}), **dict(args.input)}
 
         def run_model(client: DeviceClient, address: str) -> int:
-            m = client.measure_model(data, session, policy, shapes or None, timeout_s=timeout_s)
+            try:
+                m = client.measure_model(data, session, policy, shapes or None,
+                                         timeout_s=timeout_s, input_feeds=feeds)
+            except DeviceError as exc:
+                if exc.code == "INVALID_ARGUMENT":  # the model or its inputs: the user's input
+                    raise InputError(str(exc)) from None
+                raise
             label = f"{os.path.basename(args.path)} ({(m.model_sha256 or '')[:12]})"
             _print_single(label, m, args.json, out)
             return 0

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from device_server import wire
 from device_server.cpu_topology import CpuCluster
+from device_server.inputs import InputFeed
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import Conditions, TimingStats
 from protos import device_pb2 as pb
@@ -491,11 +492,14 @@ class DeviceClient:
         policy: MeasurePolicy | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         timeout_s: float | None = None,
+        input_feeds: Mapping[str, InputFeed] | None = None,
     ) -> Measurement:
         """Times a whole ONNX model: given as bytes (uploaded first, if the daemon lacks it) or
         as the SHA-256 of a model uploaded before.
 
         `input_shapes` fixes inputs with symbolic dimensions (the daemon uses 1 for others).
+        `input_feeds` gives inputs exact values or ranges to draw from (others: random, within
+        what the model's graph can take where it tells).
 
         Raises:
             ValueError: a string that is not a SHA-256 hex digest.
@@ -520,6 +524,7 @@ class DeviceClient:
                 name: pb.InputShape(dims=[int(d) for d in dims])
                 for name, dims in (input_shapes or {}).items()
             },
+            inputs=wire.feeds_to_proto(input_feeds or {}),
         )
         reply = self._unary("MeasureModel", self._stub.MeasureModel, request, timeout_s)
         return _measurement(reply, None, request.request_id, model_sha256=sha)

@@ -202,10 +202,7 @@ def test_bad_batch_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
 def test_device_errors_exit_1(
     capsys: pytest.CaptureFixture[str], device: list[str], tmp_path: Path
 ) -> None:
-    not_onnx = tmp_path / "notes.onnx"
-    not_onnx.write_text("these are not the weights you are looking for\n" * 10)
     cases = [
-        (["model", str(not_onnx)], "not a valid ONNX model"),
         (["--provider", "NoSuch", "linear", "--in", "8", "--out", "8"], "FAILED_PRECONDITION"),
         (["conv2d", "--cin", "512", "--cout", "512", "-k", "7", "--hw", "224"],
          "RESOURCE_EXHAUSTED"),
@@ -215,6 +212,18 @@ def test_device_errors_exit_1(
         assert code == 1, (argv, err)
         assert_one_line_error(err)
         assert needle in err
+
+
+def test_a_model_the_daemon_refuses_exits_2(
+    capsys: pytest.CaptureFixture[str], device: list[str], tmp_path: Path
+) -> None:
+    """INVALID_ARGUMENT for a model (not ONNX, or inputs it cannot take) is the user's input."""
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("these are not the weights you are looking for\n" * 10)
+    code, out, err = run(capsys, *device, "model", str(not_onnx))
+    assert code == 2, err
+    assert_one_line_error(err)
+    assert "not a valid ONNX model" in err
 
 
 def _console_command() -> list[str]:
