@@ -32,7 +32,7 @@ from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import BudgetUnreachable, NetAdapt, RunExists
 from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
-from host.lut_cli import open_store
+from host.lut_cli import announce_on_demand, open_store
 from host.lut_validation import calibrate, on_demand
 from lut.builder import ensure_overhead
 from lut.calibration import architecture_of
@@ -188,6 +188,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
             protocol = protocol_from_args(args)
             calibrate(store, pool, network, session, args.calibrate, args.seed, args.step,
                       protocol)
+            announce_on_demand(store, pool, network, session, args.step)  # keys, time
             estimator = LatencyEstimator.from_store(
                 store, fetch=on_demand(store, pool, session, watch=DeviceWatch.for_session(
                     session, pool.info.default_threads)),

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -23,15 +24,17 @@ from host.cli_common import (
 )
 from host.devices import open_pool
 from host.lut_validation import calibrate, validate
+from host.network import Network
 from host.pool import DevicePool
 from lut.builder import DriftGuard, NoiseGuard, build_table, identity_for
 from lut.device_watch import DeviceWatch, WatchLimits
 from lut.estimator import LatencyEstimator
 from lut.exchange import export_csv, export_json, import_file
-from lut.keys import plan_keys
+from lut.keys import DEFAULT_MAX_KEYS, PlanTooLarge, plan_keys
+from lut.plan_estimate import estimate_plan, format_duration
 from lut.store import LutStore
 
-__all__ = ["add_lut_commands", "default_lut_path"]
+__all__ = ["add_lut_commands", "default_lut_path", "announce_on_demand"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     add_device_options(b)
     _add_lut_path(b)
     b.add_argument("--step", type=int, default=8, help="channel grid step (default 8)")
+    b.add_argument("--max-keys", type=int, default=DEFAULT_MAX_KEYS,
+                   help=f"refuse a plan of more distinct keys (default {DEFAULT_MAX_KEYS:,})")
     b.add_argument("--calibrate", type=int, default=10,
                    help="whole-network measurements for the correction (default 10)")
     b.add_argument("--seed", type=int, default=0)
@@ -116,11 +121,23 @@ def _add_lut_path(p: argparse.ArgumentParser) -> None:
 def _build(args: argparse.Namespace, out: TextIO) -> int:
     if args.passes < 1:
         raise CommandError(f"--passes must be >= 1, got {args.passes}")
+    if args.step < 1 or args.max_keys < 1:
+        raise CommandError("--step and --max-keys must be >= 1")
     network = load_network_from_args(args)
     session = session_from_args(args)
-    plan = plan_keys(network.planner, step=args.step)
+    t0 = time.monotonic()
+    try:
+        plan = plan_keys(network.planner, step=args.step, max_keys=args.max_keys)
+    except PlanTooLarge as exc:
+        raise CommandError(f"{network.name}: {exc}") from None
+    planned_s = time.monotonic() - t0
     with open_pool(args.device, token_from_args(args), args.threads) as pool, \
             open_store(args, pool, session, network.input_shape[0]) as store:
+        estimate = estimate_plan(store, pool, plan.specs, plan.entries, session,
+                                 passes=args.passes, seed=args.seed)
+        sys.stderr.write(f"netadapt-host: {network.name} at --step {args.step} (planned in "
+                         f"{planned_s:.1f} s): {estimate.describe()}\n")
+        sys.stderr.flush()
         report = build_table(store, pool, plan.specs, session, seed=args.seed,
                              drift=DriftGuard(window=args.window,
                                               threshold=args.drift_threshold,
@@ -137,8 +154,9 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
             "network": network.name,
             "entries": plan.entries,
             "distinct_keys": len(plan),
-            "already_present": report.present,
-            "measured": report.measured,
+            "plan": estimate.to_dict() | {"planning_s": round(planned_s, 2)},
+            "already_present": estimate.present,
+            "measured": report.measured + estimate.sampled,
             "failed": len(report.failed),
             "remeasured": report.remeasured,
             "drift_events": report.drift_events,
@@ -154,8 +172,8 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
         out.write(json.dumps(result, indent=2) + "\n")
     else:
         out.write(f"{result['lut']}: {network.name} needs {plan.entries} entries, "
-                  f"{len(plan)} distinct keys; {report.present} already there, "
-                  f"{report.measured} measured in {report.seconds:.0f} s"
+                  f"{len(plan)} distinct keys; {estimate.present} already there, "
+                  f"{result['measured']} measured in {report.seconds:.0f} s"
                   f"{f', {len(report.failed)} failed' if report.failed else ''}\n")
         for d in result["devices"]:  # type: ignore[attr-defined]
             out.write(f"  {d['address']}: {d['measured']} keys, {d['keys_per_s']} keys/s"
@@ -165,6 +183,29 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
         for warning in report.state_warnings:
             out.write(f"  device: {warning}\n")
     return 1 if report.failed else 0
+
+
+def announce_on_demand(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
+                       step: int, err: TextIO | None = None) -> None:
+    """For a run that fills its table on demand: how many keys it may need, how many the table
+    has, and what each costs on this device (from a few measured now, and kept)."""
+    err = err or sys.stderr
+    try:
+        plan = plan_keys(network.planner, step=step, max_keys=DEFAULT_MAX_KEYS)
+    except PlanTooLarge as exc:
+        err.write(f"netadapt-host: on-demand table: {network.name} at --step {step} may need "
+                  f"at least {exc.at_least:,} keys (up to {exc.entries:,}); the engine measures "
+                  f"only those it needs, as it goes\n")
+        return
+    estimate = estimate_plan(store, pool, plan.specs, plan.entries, session, sample=8)
+    line = (f"netadapt-host: on-demand table: {network.name} at --step {step} may need up to "
+            f"{estimate.keys:,} keys, {estimate.present:,} already in the table; the engine "
+            f"measures those it needs as it goes")
+    if estimate.keys_per_s and estimate.eta_s is not None:
+        line += (f" (~{1e3 / estimate.keys_per_s:.0f} ms each on this device, "
+                 f"~{format_duration(estimate.eta_s)} if it needed all {estimate.to_measure:,})")
+    err.write(line + "\n")
+    err.flush()
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:

@@ -1,23 +1,42 @@
 """Which lookup-table keys a network needs: every fusion unit at every channel count the
 NetAdapt engine may choose.
 
-A unit's spec depends on at most two prunable groups (the group feeding its input and the group
-of its output; a depthwise conv follows its producer, so one). For each unit, every combination
-of those groups' candidate counts on the grid is enumerated through the same `ChannelPlanner`
-the engine uses, so the table holds exactly the specs the engine will look up.
+A unit's channel counts depend on a few prunable groups (the group feeding each input, the
+group of its output; a depthwise conv follows its producer; a concatenation sums its inputs).
+For each unit, every combination of those groups' candidate counts on the grid is enumerated,
+and the unit built at it by the same `ChannelPlanner` the engine uses, so the table holds
+exactly the specs the engine will look up.
+
+Planning is streamed: a unit's channel counts are an affine function of its groups' counts
+(found once by probing the planner), so each combination costs a few integer operations and one
+spec; nothing is cached per combination and no list of configurations is built. Only the
+distinct specs found so far are held (to drop repeats), and `max_keys` bounds them: a plan
+beyond it is refused (`PlanTooLarge`) with its size and the finest grid that fits. The number
+of (unit, combination) entries, an upper bound on the keys, is known up front from arithmetic.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from device_server.spec import LayerSpec
 from host.graph.groups import ChannelPlanner
 
-__all__ = ["candidate_counts", "unit_dependencies", "KeyPlan", "plan_keys", "shuffled"]
+__all__ = ["candidate_counts", "unit_dependencies", "KeyPlan", "plan_keys", "iter_keys",
+           "count_entries", "PlanTooLarge", "DEFAULT_MAX_KEYS", "shuffled"]
+
+# ~30 min of a 2-core x86 daemon at LUT_POLICY (~58 keys/s), hours on a phone: beyond this a
+# grid is almost always finer than the engine needs (its steps are a few percent of latency).
+DEFAULT_MAX_KEYS = 100_000
+_COARSER_STEPS = (2, 4, 8, 16, 32, 64)
+
+_Key = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def candidate_counts(channels: int, step: int) -> list[int]:
@@ -28,18 +47,109 @@ def candidate_counts(channels: int, step: int) -> list[int]:
     return sorted({*range(step, channels, step), channels})
 
 
-def unit_dependencies(planner: ChannelPlanner) -> list[tuple[int, ...]]:
-    """For each unit, the ids of the groups whose count changes its (in, out) channels."""
+class PlanTooLarge(ValueError):
+    """More distinct keys than the caller allows. Says how many at least (and at most), and
+    the finest coarser grid that fits, if one does."""
+
+    def __init__(self, step: int, max_keys: int, at_least: int, entries: int,
+                 fits: tuple[int, int] | None) -> None:
+        self.step, self.max_keys, self.at_least, self.entries, self.fits = (
+            step, max_keys, at_least, entries, fits)
+        hint = (f"use --step {fits[0]} ({fits[1]:,} keys), or raise --max-keys"
+                if fits else "use a coarser --step, or raise --max-keys")
+        super().__init__(
+            f"the table at --step {step} needs at least {at_least:,} distinct keys (up to "
+            f"{entries:,} before de-duplication), over the limit of {max_keys:,} "
+            f"(--max-keys): {hint}")
+
+
+@dataclass(frozen=True)
+class _UnitKeys:
+    """How one unit's channel key follows its groups: key = base + Σ coeff_g · (v_g − base_g),
+    over the flattened (inputs..., outputs...) counts. `affine` False: ask the planner."""
+
+    index: int
+    deps: tuple[int, ...]                  # group ids, ascending
+    base: tuple[int, ...]
+    n_in: int
+    coeffs: tuple[tuple[int, ...], ...]    # per dep, per flattened count
+    affine: bool
+
+
+def _flat(key: _Key) -> tuple[int, ...]:
+    return (*key[0], *key[1])
+
+
+def _units(planner: ChannelPlanner) -> list[_UnitKeys]:
     base = {g.id: g.channels for g in planner.groups}
-    reference = planner.channels(base)
-    deps: list[set[int]] = [set() for _ in reference]
+    reference = [_flat(k) for k in planner.channels(base)]
+    deltas: dict[int, tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]] = {}
     for g in planner.groups:
-        probe = dict(base)
-        probe[g.id] = g.channels - 1 if g.channels > 1 else 2
-        for i, pair in enumerate(planner.channels(probe)):
-            if pair != reference[i]:
-                deps[i].add(g.id)
-    return [tuple(sorted(d)) for d in deps]
+        sign = -1 if g.channels > 2 else 1  # stay >= 1 channel
+        probes = []
+        for k in (1, 2):
+            probe = dict(base)
+            probe[g.id] = g.channels + sign * k
+            probes.append([_flat(key) for key in planner.channels(probe)])
+        deltas[g.id] = (probes[0], probes[1], sign)
+    out = []
+    for i, (ref, key) in enumerate(zip(reference, planner.channels(base), strict=True)):
+        deps, coeffs, affine = [], [], True
+        for gid in sorted(deltas):
+            one, two, sign = deltas[gid]
+            d1 = tuple(a - b for a, b in zip(one[i], ref, strict=True))
+            if not any(d1):
+                continue
+            d2 = tuple(a - b for a, b in zip(two[i], ref, strict=True))
+            deps.append(gid)
+            coeffs.append(tuple(d * sign for d in d1))
+            affine = affine and d2 == tuple(2 * d for d in d1)
+        out.append(_UnitKeys(i, tuple(deps), ref, len(key[0]), tuple(coeffs), affine))
+    return out
+
+
+def unit_dependencies(planner: ChannelPlanner) -> list[tuple[int, ...]]:
+    """For each unit, the ids of the groups whose count changes its channel counts."""
+    return [u.deps for u in _units(planner)]
+
+
+def _candidates(planner: ChannelPlanner, step: int,
+                counts: Mapping[int, Sequence[int]] | None) -> dict[int, list[int]]:
+    return {g.id: list(counts[g.id]) if counts and g.id in counts
+            else candidate_counts(g.channels, step) for g in planner.groups}
+
+
+def count_entries(planner: ChannelPlanner, step: int = 8,
+                  counts: Mapping[int, Sequence[int]] | None = None) -> int:
+    """(unit, channel combination) pairs: an upper bound on the distinct keys, by arithmetic."""
+    cands = _candidates(planner, step, counts)
+    return sum(math.prod(len(cands[g]) for g in u.deps) for u in _units(planner))
+
+
+def iter_keys(planner: ChannelPlanner, step: int = 8,
+              counts: Mapping[int, Sequence[int]] | None = None) -> Iterator[LayerSpec]:
+    """Every distinct spec the engine may ask for, streamed in a stable order (unit by unit,
+    combinations in grid order); holds only the specs yielded so far."""
+    cands = _candidates(planner, step, counts)
+    base_config = {g.id: g.channels for g in planner.groups}
+    seen: set[LayerSpec] = set()
+    for u in _units(planner):
+        base_values = [base_config[g] for g in u.deps]
+        for combo in itertools.product(*(cands[g] for g in u.deps)):
+            if u.affine:
+                flat = list(u.base)
+                for coeff, value, base in zip(u.coeffs, combo, base_values, strict=True):
+                    if value != base:
+                        flat = [f + c * (value - base) for f, c in zip(flat, coeff, strict=True)]
+                key: _Key = (tuple(flat[:u.n_in]), tuple(flat[u.n_in:]))
+            else:
+                config = dict(base_config)
+                config.update(zip(u.deps, combo, strict=True))
+                key = planner.channels(config)[u.index]
+            for spec in planner.unit_specs(u.index, key):
+                if spec not in seen:
+                    seen.add(spec)
+                    yield spec
 
 
 @dataclass(frozen=True)
@@ -53,10 +163,22 @@ class KeyPlan:
         return len(self.specs)
 
 
+def _bounded(planner: ChannelPlanner, step: int,
+             counts: Mapping[int, Sequence[int]] | None, max_keys: int | None
+             ) -> list[LayerSpec] | None:
+    specs = []
+    for spec in iter_keys(planner, step, counts):
+        specs.append(spec)
+        if max_keys is not None and len(specs) > max_keys:
+            return None
+    return specs
+
+
 def plan_keys(
     planner: ChannelPlanner,
     step: int = 8,
     counts: Mapping[int, Sequence[int]] | None = None,
+    max_keys: int | None = None,
 ) -> KeyPlan:
     """Every spec the engine may ask for while pruning this network on a grid of `step`.
 
@@ -64,19 +186,46 @@ def plan_keys(
         planner: the network's channel planner (template units and groups).
         step: grid step (8 by default; some accelerators prefer 16 or 32).
         counts: per-group candidate counts overriding the grid (e.g. a coarser plan).
+        max_keys: refuse a plan of more distinct keys (None: no limit).
+
+    Raises:
+        PlanTooLarge: more than `max_keys` distinct keys; names the finest grid that fits.
     """
-    base = {g.id: g.channels for g in planner.groups}
-    cands = {g.id: list(counts[g.id]) if counts and g.id in counts
-             else candidate_counts(g.channels, step) for g in planner.groups}
-    seen: dict[LayerSpec, None] = {}
-    entries = 0
-    for index, deps in enumerate(unit_dependencies(planner)):
-        for combo in itertools.product(*(cands[g] for g in deps)):
-            config = dict(base)
-            config.update(zip(deps, combo, strict=True))
-            seen.setdefault(planner.specs(config)[index], None)
-            entries += 1
-    return KeyPlan(specs=tuple(seen), entries=entries)
+    entries = count_entries(planner, step, counts)
+    if max_keys is not None:
+        floor = _largest_unit(planner, step, counts)
+        if floor > max_keys:  # one unit alone is over: refuse without enumerating anything
+            raise PlanTooLarge(step, max_keys, floor, entries,
+                               _finest_fit(planner, step, max_keys))
+    specs = _bounded(planner, step, counts, max_keys)
+    if specs is None:
+        assert max_keys is not None
+        raise PlanTooLarge(step, max_keys, max_keys + 1, entries,
+                           _finest_fit(planner, step, max_keys))
+    return KeyPlan(specs=tuple(specs), entries=entries)
+
+
+def _largest_unit(planner: ChannelPlanner, step: int,
+                  counts: Mapping[int, Sequence[int]] | None) -> int:
+    """Distinct keys of the unit with the most (a lower bound on the plan), by arithmetic:
+    a unit whose channel counts follow independent groups has one key per combination."""
+    cands = _candidates(planner, step, counts)
+    best = 0
+    for u in _units(planner):
+        if u.affine and np.linalg.matrix_rank(np.array(u.coeffs, dtype=float)) == len(u.deps):
+            best = max(best, math.prod(len(cands[g]) for g in u.deps))
+    return best
+
+
+def _finest_fit(planner: ChannelPlanner, step: int, max_keys: int) -> tuple[int, int] | None:
+    """(step, keys) of the finest grid coarser than `step` whose plan fits, if any."""
+    for coarser in (s for s in _COARSER_STEPS if s > step):
+        if _largest_unit(planner, coarser, None) > max_keys:
+            continue
+        specs = _bounded(planner, coarser, None, max_keys)
+        if specs is not None:
+            return coarser, len(specs)
+    return None
 
 
 def shuffled(specs: Iterable[LayerSpec], seed: int = 0) -> list[LayerSpec]:

@@ -584,6 +584,11 @@ class ChannelPlanner:
             result.append((ins, out))
         return result
 
+    def unit_specs(self, index: int, key: _Key) -> tuple[LayerSpec, ...]:
+        """The specs of unit `index` at the channel counts `key` (as `channels()` gives them),
+        built afresh and not cached: key planning visits millions of them once each."""
+        return _materialize(self._plans[index].unit, key)
+
     def specs(self, config: Mapping[int, int]) -> list[LayerSpec]:
         """The specs of the network pruned to `config` (groups not named keep their count).
 
