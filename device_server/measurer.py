@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import onnx
 import onnxruntime as ort
 
 from device_server.builder import build_identity_model, build_layer_model
 from device_server.device_info import read_state
 from device_server.errors import DeadlineError, ResourceLimitError, UnavailableProviderError
 from device_server.inputs import InputFeed, feeds_key
-from device_server.model_check import check_provider_options
+from device_server.model_check import check_provider_options, check_self_contained
 from device_server.model_store import ModelStore
 from device_server.queue import Cancelled, DeviceQueue
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
@@ -63,6 +64,13 @@ class Timed:
     queued_s: float = 0.0                                 # waiting for the device before
 
 
+def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A unit the daemon built from a client's description (a NODE unit names any op type and
+    attributes) is held to the rule uploaded models are: it names no file."""
+    check_self_contained(model)
+    return model
+
+
 class Measurer:
     def __init__(self, fingerprint: str, default_threads: int, limits: Limits) -> None:
         self.fingerprint = fingerprint
@@ -94,7 +102,7 @@ class Measurer:
         return self._measure(
             ("layer", spec.key()),
             spec.digest(),
-            lambda: build_layer_model(spec).SerializeToString(),
+            lambda: _self_contained(build_layer_model(spec)).SerializeToString(),
             spec.describe(),
             session,
             policy,

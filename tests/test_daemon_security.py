@@ -169,3 +169,16 @@ def test_bench_refuses_a_model_with_external_weights_before_connecting(
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "'w'" in err and "save_as_external_data=False" in err
+
+
+def test_a_node_unit_naming_a_file_is_refused(daemon: RunningServer) -> None:
+    """NODE units carry any op type and attributes: an EPContext node pointing at `token`."""
+    from device_server.spec import NodeOperand
+
+    spec = LayerSpec.node("EPContext", [NodeOperand.input((1, 4))], [(1, 4)],
+                          {"embed_mode": 0, "ep_cache_context": "token"})
+    with DeviceClient(daemon.address, retries=0) as client:
+        with pytest.raises(DeviceError) as refused:
+            client.measure(spec, policy=FAST_POLICY)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert "EPContext" in refused.value.message
