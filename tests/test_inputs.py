@@ -126,3 +126,27 @@ def test_unit_graphs_are_unaffected() -> None:
     spec = LayerSpec.create("conv2d", (1, 4, 8, 8), 8, kernel=3, padding=1)
     assert graph_ranges(build_layer_model(spec).SerializeToString()) == {}
     onnx.checker.check_model(build_layer_model(spec))
+
+
+def test_external_data_is_refused_saying_how_to_embed(daemon: RunningServer,
+                                                      tmp_path: Path) -> None:
+    """Row 7: weights in a separate .data file: exit 2, one line saying how to embed them; the
+    model embedded as the message says is measured."""
+    w = numpy_helper.from_array(np.random.default_rng(0).random((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    assert (tmp_path / "model.onnx.data").exists()
+    code, _, err = _bench("--device", daemon.address, "model", str(path))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "save_as_external_data=False" in err
+    embedded = tmp_path / "embedded.onnx"
+    onnx.save_model(onnx.load(path), embedded, save_as_external_data=False)
+    code, _, err = _bench("--device", daemon.address, "model", str(embedded))
+    assert code == 0, err
