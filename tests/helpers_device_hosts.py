@@ -302,6 +302,9 @@ def arm64_host(tmp: Path, rootfs: Path, port: int = 22) -> Iterator[DeviceHost]:
                 yield host
             finally:
                 _stop(sshd)
+                # The board's writes (a venv of ~200 MB); its mounts went with its namespace.
+                shutil.rmtree(upper, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def native_pids(host: DeviceHost, needle: bytes) -> list[int]:

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,12 +50,17 @@ Timings = dict[str, float]
 
 
 @pytest.fixture(scope="module")
-def timings() -> Iterator[Timings]:
+def timings(request: pytest.FixtureRequest) -> Iterator[Timings]:
+    """How long each step took, printed as one line at the end (captured output is not)."""
     steps: Timings = {}
     yield steps
-    if steps:
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin(
+        "capturemanager")
+    if steps and reporter is not None and capture is not None:
         line = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in steps.items())
-        print(f"\naarch64 board (qemu-user): {line}", file=sys.__stdout__ or sys.stdout)
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\naarch64 board (qemu-user): {line}")
 
 
 @pytest.fixture(scope="module")
