@@ -84,7 +84,7 @@ def _run(model: nn.Module, shape: tuple[int, ...], training: bool) -> tuple[Any,
              for name, m in copied.named_modules() if name]
     batch = max(2, shape[0]) if training else shape[0]  # BatchNorm trains on more than one
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout draws from it
             out = copied(torch.zeros((batch, *shape[1:])))
     except Exception as exc:  # noqa: BLE001 - the model's own forward failed
         mode = "training" if training else "eval"

@@ -168,9 +168,9 @@ def build_dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.D
     only while training are coupled with the layers that feed them) on a batch of at least 2
     (BatchNorm needs it), with an input that requires grad (so frozen layers are traced too).
 
-    The model's train/eval modes, buffers (BatchNorm statistics) and `requires_grad` flags are
-    left as they were. A model whose training-mode forward fails on the example is traced in
-    eval mode.
+    The model's train/eval modes, buffers (BatchNorm statistics) and `requires_grad` flags, and
+    the caller's random number generator (dropout draws from it), are left as they were. A
+    model whose training-mode forward fails on the example is traced in eval mode.
     """
     shape = tuple(int(d) for d in input_shape)
     example = torch.zeros((max(2, shape[0]), *shape[1:]), requires_grad=True)  # (N>=2, C, H, W)
@@ -182,7 +182,7 @@ def build_dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.D
         return m(x)
 
     try:
-        with torch.enable_grad():  # the tracer follows autograd
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # tracer follows autograd
             try:
                 return tp.DependencyGraph().build_dependency(
                     model, example_inputs=example, forward_fn=forward_train, verbose=False)
