@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,6 +33,7 @@ from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
 from host.lut_cli import announce_on_demand, open_store
 from host.lut_validation import calibrate, on_demand
+from host.progress import Progress
 from lut.builder import ensure_overhead
 from lut.calibration import architecture_of
 from lut.device_watch import DeviceWatch
@@ -106,11 +106,6 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.set_defaults(run=_adapt)
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    """Live bars on a terminal; a log (or a JSON report) should not fill with them."""
-    return sys.stderr.isatty() and not args.json
-
-
 def _budget(args: argparse.Namespace) -> Budget:
     if args.budget_ms is not None:
         return Budget(ms=args.budget_ms)
@@ -145,7 +140,8 @@ def _base_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
     cache = Path(os.environ.get("NETADAPT_HOME", ".netadapt")) / "cache"
     base = pretrained_base(args.model, args.data, cache,
                            TrainConfig(epochs=args.base_epochs, lr=2e-3, seed=args.seed),
-                           splits=splits, progress=_progress(args), **kwargs)
+                           splits=splits, progress=Progress.for_stderr(enabled=not args.json),
+                           **kwargs)
     log.info("base model %s: holdout %.4f (%s)", args.model, base.holdout_accuracy,
              "cached" if base.from_cache else "trained now")
     return base.model
@@ -194,7 +190,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
                     session, pool.info.default_threads)),
                 architecture=architecture_of(network.specs()))
             engine = NetAdapt(network, splits, estimator, pool, session, config, workdir,
-                              progress=_progress(args), protocol=protocol)
+                              progress=Progress.for_stderr(enabled=not args.json),
+                              protocol=protocol)
             try:
                 result = engine.run(resume=args.resume)
             except RunExists as exc:

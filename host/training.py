@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from host.data import DataSplits, load_dataset
 from host.graph.analysis import logits_of
 from host.models.registry import build_model_for
+from host.progress import Progress
 
 __all__ = [
     "AUX_LOSS_WEIGHT",
@@ -113,7 +114,7 @@ class PretrainedBase:
 
 
 def train(
-    model: nn.Module, dataset: Dataset[Any], config: TrainConfig, progress: bool = True
+    model: nn.Module, dataset: Dataset[Any], config: TrainConfig, progress: bool | Progress = True
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy; leaves it in eval mode.
 
@@ -158,7 +159,12 @@ def train(
             generator=torch.Generator().manual_seed(config.seed),
         )
         model.train()
-        with tqdm(total=total, disable=not progress, desc="train", unit="step", leave=False) as bar:
+        # A host.progress.Progress: bars on a terminal, a line per epoch elsewhere.
+        lines = progress if isinstance(progress, Progress) else None
+        bar_cm = (progress.bar(total, "train", "step") if isinstance(progress, Progress)
+                  else tqdm(total=total, disable=not progress, desc="train", unit="step",
+                            leave=False))
+        with bar_cm as bar:
             while len(losses) < total:
                 for images, labels in loader:
                     images, labels = images.to(device), labels.to(device)
@@ -176,7 +182,13 @@ def train(
                         scheduler.step()
                     losses.append(value)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                    bar.set_postfix_str(f"loss={value:.3f}")
+                    if lines is not None and len(losses) % batches_per_epoch == 0:
+                        recent = losses[-batches_per_epoch:]
+                        lines.event(f"epoch {len(losses) // batches_per_epoch}/"
+                                    f"{math.ceil(total / batches_per_epoch)}: mean loss "
+                                    f"{sum(recent) / len(recent):.4f}, "
+                                    f"{time.perf_counter() - start:.0f} s")
                     if len(losses) >= total:
                         break
     model.eval()
@@ -197,7 +209,7 @@ def fine_tune(
     dataset: Dataset[Any],
     steps: int,
     config: TrainConfig,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> TrainResult:
     """Short-term fine-tune: exactly ``steps`` iterations with ``config``'s optimiser and seed."""
     return train(model, dataset, dataclasses.replace(config, max_steps=steps), progress=progress)
@@ -284,7 +296,7 @@ def pretrained_base(
     *,
     data_seed: int = 0,
     splits: DataSplits | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **model_kwargs: Any,
 ) -> PretrainedBase:
     """Train the base model once per (model, data set, config, seed); later calls load it.

@@ -49,6 +49,7 @@ from host.engine.proposals import (
 from host.graph.onnx_export import export_onnx
 from host.network import Network
 from host.pool import DevicePool
+from host.progress import Progress
 from host.training import TrainConfig, evaluate, train
 from host.whole_model import (
     DEFAULT_PROTOCOL,
@@ -198,7 +199,7 @@ class NetAdapt:
         session: SessionSpec,
         config: AdaptConfig,
         workdir: Path,
-        progress: bool = True,
+        progress: bool | Progress = True,
         on_iteration: Callable[[IterationRecord], None] | None = None,
         protocol: WholeModelProtocol = DEFAULT_PROTOCOL,
     ) -> None:
@@ -209,7 +210,9 @@ class NetAdapt:
         self.session = session
         self.config = config
         self.workdir = Path(workdir)
-        self.progress = progress
+        # True: bars on a terminal, lines elsewhere; False: silent.
+        self.progress = (progress if isinstance(progress, Progress)
+                         else Progress.for_stderr(enabled=progress))
         self.on_iteration = on_iteration
         self.metric = make_metric(config.metric, estimator)
         self.protocol = protocol
@@ -362,8 +365,6 @@ class NetAdapt:
 
     def _loop(self, state: _State, history: list[IterationRecord], original_metric: float,
               executor: Any) -> _State:
-        from tqdm import tqdm
-
         cfg = self.config
         while state.iteration < cfg.max_iterations:
             estimate = self._estimate(state.config)
@@ -375,6 +376,10 @@ class NetAdapt:
                     history[-1].measured_latency_ms = check["measured_ms"]
                     history[-1].budget_check = check
                     self._write_history(history)
+                self.progress.event(
+                    f"budget check at iteration {state.iteration}: {check['figure']} "
+                    f"{check['value']:.4f} [{check['low']:.4f}, {check['high']:.4f}] vs "
+                    f"{check['limit']:.4f} over {check['rounds']} rounds: {check['decision']}")
                 if met:
                     break
                 if estimate <= state.estimate_target_ms:
@@ -396,8 +401,7 @@ class NetAdapt:
                     f"no layer can be pruned further at iteration {i}; the estimate is "
                     f"{estimate:.4f} ms against a target of {state.estimate_target_ms:.4f} ms"
                 )
-            bar = tqdm(total=len(proposals), disable=not self.progress, leave=False,
-                       desc=f"iter {i}", unit="proposal", dynamic_ncols=True)
+            bar = self.progress.bar(len(proposals), f"iteration {i}", "proposal")
             best_acc = [0.0]
             where = f"est {estimate:.3f} ms / budget {state.budget_ms:.3f} ms"
 
@@ -442,9 +446,11 @@ class NetAdapt:
             self._save(state)
             if self.on_iteration is not None:
                 self.on_iteration(record)
-            log.info("iteration %d: group %d -> %d ch, est %.4f ms, holdout %.3f", i,
-                     record.group_id, chosen.proposal.n_keep, record.estimated_latency_ms,
-                     record.holdout_accuracy)
+            self.progress.event(
+                f"iteration {i}: group {record.group_id} ({record.group_root}) -> "
+                f"{chosen.proposal.n_keep} channels, estimate {record.estimated_latency_ms:.4f} "
+                f"ms, holdout {record.holdout_accuracy:.4f} (after BN re-estimation "
+                f"{record.accuracy_after_bn:.4f}), {seconds['wall']:.1f} s")
         return state
 
     def _select(self, results: list[ProposalResult], current_acc: float) -> ProposalResult:
@@ -465,7 +471,7 @@ class NetAdapt:
         if cfg.long_term_epochs > 0:
             train(model, self.splits.train, dataclasses.replace(
                 self._train_config(), epochs=cfg.long_term_epochs, lr=cfg.lr / 2),
-                progress=self.progress)
+                progress=self.progress.enabled and self.progress.tty)
         rounds = self._measure([self.network.model, model],
                                lambda r: r.ratio(1, 0).tight)
         original_fig, final_fig = rounds.figures()
