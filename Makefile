@@ -8,6 +8,7 @@ STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
 .PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-models bench-run bench-protocol \
+	bench-reliability \
 	clean help
 
 help:
@@ -21,6 +22,7 @@ help:
 	@echo "make bench-protocol which statistic of a measurement repeats, quiet and noisy"
 	@echo "make bench-models  12 torchvision models at 224x224: analysis, lut validate, 2-iteration adapt"
 	@echo "make bench-run     make run's job 3x quiet and 3x beside a noisy neighbour: budget kept?"
+	@echo "make bench-reliability bad inputs, hostile models, killed clients/workers, lost device, full disk"
 	@echo "make deploy-device DEVICE=ssh://USER@HOST[:PORT] | DEVICE=adb[:SERIAL]"
 	@echo "                   install or update the daemon on a device and start it"
 	@echo "make device-status DEVICE=...   is it running and serving for this host?"
@@ -93,6 +95,11 @@ bench-protocol: $(STAMP) protos
 # `make run` three times quiet and three times beside a noisy neighbour, interleaved (~50 min).
 bench-run: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_run.py --runs 3 --out bench-results/run.json
+
+# Failures on purpose (~5 min): bad inputs by RPC, hostile model files, clients killed
+# mid-measurement, workers killed mid-run, a lost device, a full disk (a tmpfs: needs root).
+bench-reliability: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_reliability.py --out bench-results/reliability.json
 
 # The daemon on a phone or board (host/deploy): over ssh, or over adb to Termux's sshd. More
 # options (--bind, --port, --threads, --wheelhouse, -i KEY) go in DEPLOY_ARGS.

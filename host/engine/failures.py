@@ -104,9 +104,13 @@ def _as_failure(exc: BaseException) -> RunFailure | None:
         return DiskFull(f"cannot write {where}: {reason}; free some space")
     if isinstance(exc, DeviceError):
         device = exc.address or "the device"
+        # A pool's error wraps its last device's: say that one once.
+        detail = exc.message
+        if detail.startswith("every device of the pool failed"):
+            detail = detail.partition("; last error: ")[2].split(": ", 1)[-1] or detail
         if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            return DeviceLost(f"lost {device} mid-run ({exc.code}: {exc.message})")
-        return DeviceLost(f"{device} failed mid-run ({exc.code}: {exc.message})")
+            return DeviceLost(f"lost {device} mid-run ({exc.code}: {detail})")
+        return DeviceLost(f"{device} failed mid-run ({exc.code}: {detail})")
     return None
 
 
