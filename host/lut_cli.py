@@ -26,6 +26,7 @@ from host.devices import open_pool
 from host.lut_validation import calibrate, validate
 from host.network import Network
 from host.pool import DevicePool
+from host.progress import Progress
 from lut.builder import DriftGuard, NoiseGuard, build_table, identity_for
 from lut.device_watch import DeviceWatch, WatchLimits
 from lut.estimator import LatencyEstimator
@@ -146,7 +147,7 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
                                  session, pool.info.default_threads,
                                  WatchLimits(max_temp_rise_c=args.max_temp_rise)),
                              noise=NoiseGuard(passes=args.passes),
-                             progress=sys.stderr.isatty() and not args.json)
+                             progress=Progress.for_stderr(enabled=not args.json))
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
                                args.step)
         result = {

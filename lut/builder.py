@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats
@@ -41,6 +42,12 @@ LUT_POLICY = MeasurePolicy(warmup_runs=2, min_warmup_ms=2.0, repeat=15, min_repe
 REFERENCE_SPEC = LayerSpec.create("conv2d", (1, 32, 28, 28), 32, kernel=3, padding=1,
                                   batch_norm=True, activation="relu")
 REFERENCE_KIND = "reference"
+
+
+class ProgressSink(Protocol):
+    """Where a build reports progress (structural: the host's `host.progress.Progress`)."""
+
+    def bar(self, total: int, desc: str, unit: str = ...) -> Any: ...
 
 
 def identity_for(info: DeviceInfo, session: SessionSpec, batch_size: int = 1) -> LutIdentity:
@@ -200,11 +207,16 @@ def build_table(
     policy: MeasurePolicy = LUT_POLICY,
     seed: int = 0,
     drift: DriftGuard | None = None,
-    progress: bool = True,
+    progress: bool | ProgressSink = True,
     watch: DeviceWatch | None = None,
     noise: NoiseGuard = NoiseGuard(),
 ) -> BuildReport:
-    """Measures every spec the table lacks. Interrupting it keeps every committed row."""
+    """Measures every spec the table lacks. Interrupting it keeps every committed row.
+
+    `progress`: True for a tqdm bar, False for none, or a sink whose `bar(total, desc, unit)`
+    decides (the host's `Progress`: a bar on a terminal, a line every few seconds with keys/s
+    and the time left elsewhere).
+    """
     from tqdm import tqdm  # host dependency; imported here so `import lut` stays light
 
     t0 = time.monotonic()
@@ -215,8 +227,11 @@ def build_table(
     ensure_overhead(store, pool, session)
     guard = drift or DriftGuard()
     watch = watch or DeviceWatch.for_session(session, pool.info.default_threads)
-    bar = tqdm(total=len(todo), unit="key", disable=not progress, dynamic_ncols=True,
-               desc="measuring")
+    if isinstance(progress, bool):
+        bar = tqdm(total=len(todo), unit="key", disable=not progress, dynamic_ncols=True,
+                   desc="measuring")
+    else:
+        bar = progress.bar(len(todo), "lut build", "key")
     try:
         baseline = _reference(pool, session, guard.policy) if todo else []
         for start in range(0, len(todo), guard.window):
