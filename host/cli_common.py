@@ -17,7 +17,8 @@ from host.daemon import DaemonStartError
 from host.devices import TokenFileError, read_token
 from host.pool import FingerprintMismatch
 
-__all__ = ["CommandError", "EXIT_DEVICE", "EXIT_USAGE", "add_device_options",
+__all__ = ["CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
+           "add_device_options",
            "add_protocol_options", "protocol_from_args",
            "add_model_options", "load_network_from_args", "session_from_args",
            "token_from_args", "run_command", "parse_shape", "parse_command_line"]
@@ -72,6 +73,20 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="bearer token for the daemons")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--provider", default=DEFAULT_PROVIDER, help="execution provider")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already names its default or
+    the default says nothing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        silent = default is None or default is False or default == [] or (
+            default is argparse.SUPPRESS)
+        if "default" in text or silent or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_protocol_options(p: argparse.ArgumentParser) -> None:

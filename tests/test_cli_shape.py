@@ -1,0 +1,48 @@
+"""The command line a newcomer meets: the brief's invocation works, and every option says what
+it does and its default."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+from host.cli import build_parser, main, with_default_command
+
+
+def test_the_brief_invocation_means_adapt(tmp_path: Path) -> None:
+    assert with_default_command(["--device", "h:1"]) == ["adapt", "--device", "h:1"]
+    assert with_default_command(["-v", "--budget", "0.6"]) == ["-v", "adapt", "--budget", "0.6"]
+    assert with_default_command([]) == ["adapt"]
+    assert with_default_command(["lut", "info", "x"]) == ["lut", "info", "x"]
+    assert with_default_command(["--help"]) == ["--help"]
+    # `netadapt-host --device HOST:PORT --budget 0.6 --workdir W` reaches the device (none is
+    # listening on port 9 here): one line naming it, exit 1 -- not a usage error.
+    err = io.StringIO()
+    code = main(["--device", "127.0.0.1:9", "--budget", "0.6", "--workdir",
+                 str(tmp_path / "w")], out=io.StringIO(), err=err)
+    assert code == 1, err.getvalue()
+    assert "127.0.0.1:9" in err.getvalue() and err.getvalue().count("\n") == 1
+    assert "invalid choice" not in err.getvalue()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    out: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = sub
+                out.update({f"{name} {k}": v for k, v in _subparsers(sub).items()})
+    return out
+
+
+def test_every_adapt_option_has_help_and_shows_its_default() -> None:
+    adapt = _subparsers(build_parser())["adapt"]
+    text = adapt.format_help()
+    for action in adapt._actions:
+        if not action.option_strings:
+            continue
+        assert action.help, f"adapt {action.option_strings[0]} has no help text"
+    for shown in ("(default: 0.025)", "(default: 0.96)", "(default: latency)",
+                  "(default: 8)", "(default: 0)", "default 6", "default: start one on"):
+        assert shown in text, shown
