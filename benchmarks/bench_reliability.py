@@ -570,7 +570,10 @@ def _lut_build_killed(folder: Path, address: str) -> dict[str, int]:
     seen = _rows(path)  # rows a reader saw committed just before the kill
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return {"lut build SIGKILLed": max(0, seen - _rows(path))}
+    after = _rows(path)
+    print(f"lut build SIGKILLed: {seen} rows seen committed before the kill, {after} after",
+          flush=True)
+    return {"lut build SIGKILLed": max(0, seen - after)}
 
 
 def _rows(path: Path) -> int:
