@@ -1,5 +1,6 @@
-"""Shipping the measurement daemon to a device: `netadapt-deploy deploy|status|stop`.
+"""Shipping the measurement daemon to a device: `netadapt-deploy deploy|status|stop|wheels`.
 
-Torch-free: it needs only the standard library, ssh (and adb for a USB-attached phone) on the
-host, and grpcio to check that the deployed daemon answers.
+Torch-free: it needs the standard library, ssh (and adb for a USB-attached phone) on the host,
+grpcio to check that the deployed daemon answers, packaging to match wheels to the device, and
+pip to download them (`wheels`, `deploy --download-wheels`).
 """
