@@ -29,7 +29,7 @@ from host.cli_common import (
 )
 from host.devices import open_pool
 from host.engine.config import AdaptConfig, Budget
-from host.engine.netadapt import BudgetUnreachable, NetAdapt, RunExists
+from host.engine.netadapt import BudgetUnreachable, CheckpointError, NetAdapt, RunExists
 from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
 from host.lut_cli import announce_on_demand, open_store
@@ -236,7 +236,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
                 result = engine.run(resume=args.resume)
             except RunExists as exc:
                 raise CommandError(f"{exc} (or --overwrite to replace it)") from None
-            except (BudgetUnreachable, RayClusterUnreachable) as exc:
+            except (BudgetUnreachable, RayClusterUnreachable, CheckpointError) as exc:
                 raise CommandError(str(exc)) from None
             except KeyboardInterrupt:
                 raise CommandError(

@@ -16,7 +16,7 @@ import torch
 from device_server.server import RunningServer
 from host.cli import main as host_main
 from host.engine.config import Budget
-from host.engine.netadapt import BudgetUnreachable, IterationRecord
+from host.engine.netadapt import BudgetUnreachable, CheckpointError, IterationRecord
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
 from lut.store import LutIdentity, LutStore
@@ -104,6 +104,26 @@ def test_resume_gives_the_same_run_as_no_interruption(table, splits, tmp_path
     for a, b in zip(whole.final_model.state_dict().values(),
                     resumed.final_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_checkpoints_are_data_and_pickled_models_are_refused(table, splits, tmp_path
+                                                              ) -> None:  # type: ignore[no-untyped-def]
+    config = _config(budget=Budget(ms=1e-3), max_iterations=1)
+    engine = _engine(table, splits, tmp_path / "run", config)
+    engine.reachable_ms = lambda: 0.0  # type: ignore[method-assign]
+    engine.run()
+    state_file = tmp_path / "run" / "checkpoints" / "state.pt"
+    # Only tensors, numbers and strings: readable without running any code from the file.
+    data = torch.load(state_file, weights_only=True)
+    assert data["format"] == "netadapt-run-state" and data["iteration"] == 1
+    assert all(isinstance(v, torch.Tensor) for v in data["model_state"].values())
+    assert json.loads(data["adapt_config"])["seed"] == config.seed
+    iteration_file = tmp_path / "run" / "checkpoints" / "iter_001.pt"
+    assert torch.load(iteration_file, weights_only=True)["channels"] == data["channels"]
+    # A run folder from before (a pickled model inside) is refused, saying what to do.
+    torch.save({"iteration": 1, "model": engine.final_model}, state_file)
+    with pytest.raises(CheckpointError, match="pickled model .* --overwrite"):
+        _engine(table, splits, tmp_path / "run", config).run(resume=True)
 
 
 def test_worker_pool_gives_the_sequential_result(table, splits, tmp_path

@@ -174,7 +174,7 @@ def test_a_full_disk_while_checkpointing_loses_nothing_and_resumes(
     assert message.endswith(f"continue with --resume --workdir {workdir}")
     # The last checkpoint is whole (the one after iteration 0), no half-written file beside it,
     # and every history line parses (a line past the checkpoint is dropped on resume).
-    state = torch.load(workdir / "checkpoints" / "state.pt", weights_only=False)
+    state = torch.load(workdir / "checkpoints" / "state.pt", weights_only=True)
     assert state["iteration"] == 1
     assert not list((workdir / "checkpoints").glob("*.tmp"))
     assert [r[0] for r in _history(workdir)][:1] == [0]

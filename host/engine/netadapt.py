@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,16 +62,23 @@ from host.whole_model import (
 from lut.estimator import LatencyEstimator
 from lut.keys import candidate_counts
 
-__all__ = ["NetAdapt", "AdaptResult", "IterationRecord", "BudgetUnreachable", "RunExists"]
+__all__ = ["NetAdapt", "AdaptResult", "IterationRecord", "BudgetUnreachable", "RunExists",
+           "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "checkpoints/state.pt"
+CHECKPOINT_FORMAT = "netadapt-run-state"
+CHECKPOINT_VERSION = 2   # 1: a pickled _State with the nn.Module inside (refused)
 MEASURE_WITHIN = 0.15   # measure every iteration once the estimate is this close to its target
 
 
 class BudgetUnreachable(ValueError):
     """Pruning every group as far as the grid allows still misses the budget."""
+
+
+class CheckpointError(ValueError):
+    """A run folder's checkpoint cannot be resumed (see the message for what to do)."""
 
 
 class RunExists(ValueError):
@@ -285,16 +293,74 @@ class NetAdapt:
 
     # -- state ----------------------------------------------------------------------------
     def _save(self, state: _State) -> None:
+        """Checkpoints are data, not pickled code: tensors, numbers and strings that
+        `torch.load(weights_only=True)` reads (nanoGPT's layout: weights, the arguments that
+        rebuild the model, the iteration, the run's settings)."""
         path = self.workdir / STATE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model_state": state.model.state_dict(),
+            "channels": {str(k): v for k, v in sorted(state.config.items())},
+            "importance": self.config.importance,
+            "iteration": state.iteration,
+            "original_latency_ms": state.original_latency_ms,
+            "budget_ms": state.budget_ms,
+            "estimate_target_ms": state.estimate_target_ms,
+            "original_holdout_accuracy": state.original_holdout_accuracy,
+            "measured": {str(k): v for k, v in state.measured.items()},
+            "adapt_config": json.dumps(dataclasses.asdict(self.config), sort_keys=True),
+            "rng_state": torch.get_rng_state(),
+        }
         # Atomic: a crash or a full disk leaves the previous checkpoint whole.
-        save_checkpoint(dataclasses.asdict(state) | {"model": state.model}, path)
-        save_checkpoint(state.model,
+        save_checkpoint(data, path)
+        save_checkpoint({k: data[k] for k in ("format", "version", "model_state", "channels",
+                                              "importance", "iteration")},
                         self.workdir / "checkpoints" / f"iter_{state.iteration:03d}.pt")
 
     def _load(self) -> _State:
-        data = torch.load(self.workdir / STATE_FILE, weights_only=False)
-        return _State(**data)
+        """Reads a checkpoint written by `_save` and rebuilds the model: the base network
+        pruned to the stored channels, then the stored weights.
+
+        Raises:
+            CheckpointError: the file is not such a checkpoint (e.g. a pickled model from an
+                older netadapt, which would run code to load), or it belongs to another model.
+        """
+        path = self.workdir / STATE_FILE
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"{path} holds a pickled model (written by netadapt before checkpoints were "
+                f"data); loading it would run code from the file, so it is refused: start the "
+                f"run again with --overwrite") from None
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a netadapt run checkpoint")
+        if data.get("version", 0) > CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer netadapt: upgrade it")
+        config = {int(k): int(v) for k, v in data["channels"].items()}
+        if set(config) != {g.id for g in self.network.groups}:
+            raise CheckpointError(
+                f"{path} was made for another network (its groups {sorted(config)} are not "
+                f"this network's): use the same --model and input, or --overwrite")
+        model = self.network.pruned(config, data["importance"])
+        try:
+            model.load_state_dict(data["model_state"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not fit {self.network.name} pruned to its "
+                                  f"channels: {str(exc).splitlines()[0]}") from None
+        torch.set_rng_state(data["rng_state"])
+        return _State(
+            iteration=int(data["iteration"]), model=model.eval(), config=config,
+            original_latency_ms=float(data["original_latency_ms"]),
+            budget_ms=float(data["budget_ms"]),
+            estimate_target_ms=float(data["estimate_target_ms"]),
+            original_holdout_accuracy=float(data["original_holdout_accuracy"]),
+            measured={int(k): float(v) for k, v in data["measured"].items()},
+        )
 
     def _history_path(self) -> Path:
         return self.workdir / "history.jsonl"
