@@ -7,7 +7,8 @@ graph: an integer input used, directly or through Cast/Reshape/Unsqueeze/Squeeze
 the indices of a Gather whose data has a known size on its axis gets [0, size - 1]. Boolean
 inputs get {0, 1}; other integer inputs [0, 1]; floating-point inputs standard normal values.
 
-No torch; numpy and onnx only (the daemon side).
+No torch; numpy, and onnx only when a graph is read (the client side, which sends feeds,
+imports neither torch nor onnx).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from device_server.errors import InvalidConfigError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["InputFeed", "graph_ranges", "make_input", "feeds_key", "NUMPY_TYPES"]
 
@@ -85,7 +89,7 @@ def feeds_key(feeds: Mapping[str, InputFeed] | None) -> str:
     return ";".join(f"{name}={feeds[name].digest()}" for name in sorted(feeds))
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int]:
+def _dims(value: Any) -> list[int]:
     return [d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
@@ -95,6 +99,8 @@ def graph_ranges(model_bytes: bytes) -> dict[str, InputFeed]:
 
     A model that cannot be parsed gives no ranges (ONNX Runtime reports its problems).
     """
+    import onnx
+
     try:
         model = onnx.load_from_string(model_bytes)
     except Exception:  # noqa: BLE001 - the session creation reports a bad model
@@ -129,7 +135,7 @@ def graph_ranges(model_bytes: bytes) -> dict[str, InputFeed]:
     return out
 
 
-def _index_limit(name: str, consumers: Mapping[str, list[tuple[onnx.NodeProto, int]]],
+def _index_limit(name: str, consumers: Mapping[str, list[tuple[Any, int]]],
                  shapes: Mapping[str, list[int]], seen: set[str]) -> int | None:
     """The smallest table size `name` indexes (through pass-through ops), if readable."""
     if name in seen:
