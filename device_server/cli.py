@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-measure-s", type=float, default=Limits.max_measure_s)
     s.add_argument("--max-tensor-mib", type=float, default=Limits.max_tensor_mib)
     s.add_argument("--max-model-mib", type=float, default=Limits.max_model_mib)
+    s.add_argument("--cancel-grace-s", type=float, default=Limits.cancel_grace_s,
+                   help="how long an abandoned measurement may take to stop before its worker "
+                        "is killed and restarted (default %(default)s)")
     s.add_argument("--log-level", default=os.environ.get("NETADAPT_LOG", "INFO"))
     return parser
 
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             max_measure_s=args.max_measure_s,
             max_tensor_mib=args.max_tensor_mib,
             max_model_mib=args.max_model_mib,
+            cancel_grace_s=args.cancel_grace_s,
         ),
     )
     try:
