@@ -22,6 +22,7 @@ from host.cli_common import (
     session_from_args,
     token_from_args,
 )
+from host.client import DeviceError
 from host.devices import open_pool
 from host.lut_validation import calibrate, validate
 from host.network import Network
@@ -139,15 +140,21 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"netadapt-host: {network.name} at --step {args.step} (planned in "
                          f"{planned_s:.1f} s): {estimate.describe()}\n")
         sys.stderr.flush()
-        report = build_table(store, pool, plan.specs, session, seed=args.seed,
-                             drift=DriftGuard(window=args.window,
-                                              threshold=args.drift_threshold,
-                                              cooldown_s=args.cooldown_s),
-                             watch=DeviceWatch.for_session(
-                                 session, pool.info.default_threads,
-                                 WatchLimits(max_temp_rise_c=args.max_temp_rise)),
-                             noise=NoiseGuard(passes=args.passes),
-                             progress=Progress.for_stderr(enabled=not args.json))
+        try:
+            report = build_table(store, pool, plan.specs, session, seed=args.seed,
+                                 drift=DriftGuard(window=args.window,
+                                                  threshold=args.drift_threshold,
+                                                  cooldown_s=args.cooldown_s),
+                                 watch=DeviceWatch.for_session(
+                                     session, pool.info.default_threads,
+                                     WatchLimits(max_temp_rise_c=args.max_temp_rise)),
+                                 noise=NoiseGuard(passes=args.passes),
+                                 progress=Progress.for_stderr(enabled=not args.json))
+        except DeviceError as exc:  # the device went away mid-build: say what is kept
+            raise DeviceError(
+                exc.code, f"{exc.message}; the {store.count('unit')} rows in {store.path} are "
+                f"kept: run the same command again once the device is back (it measures only "
+                f"what is missing)", exc.address) from None
         calibrated = calibrate(store, pool, network, session, args.calibrate, args.seed,
                                args.step)
         result = {

@@ -244,3 +244,38 @@ def test_lut_build_cli_on_a_full_disk_is_one_line(daemon: Any, tmpfs: Path) -> N
     kept = int(re.search(r"the (\d+) rows committed before are kept", lines[0]).group(1))
     with LutStore.open(path, create=False) as store:
         assert store.count() == kept > 0
+
+
+def test_lut_build_losing_its_device_is_one_line_and_keeps_its_rows(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    path = tmp_path / "t.sqlite"
+    out, err = io.StringIO(), io.StringIO()
+    with start_local_daemon() as daemon:
+
+        def stop_midway() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    with LutStore.open(path, create=False, check=False) as store:
+                        if store.count("unit") >= 50:
+                            break
+                except Exception:  # not created yet
+                    pass
+                time.sleep(0.1)
+            daemon.stop()
+
+        stopper = threading.Thread(target=stop_midway)
+        stopper.start()
+        code = host_main(["lut", "build", "--device", daemon.address, "--model",
+                          "mobilenet_v1", "--step", "4", "--lut", str(path), "--calibrate",
+                          "0"], out=out, err=err)
+        stopper.join()
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if line.startswith("netadapt-host: ")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in text, text
+    assert daemon.address in lines[0] and "run the same command again" in lines[0]
+    kept = int(re.search(r"the (\d+) rows in \S+ are kept", lines[0]).group(1))
+    with LutStore.open(path, create=False) as store:
+        assert store.count("unit") == kept >= 50
