@@ -93,7 +93,7 @@ def _exercise(address: str) -> None:
         with pytest.raises(DeviceError) as failed:
             client.measure_model(_runtime_failing_model(), policy=FAST_POLICY)
         assert failed.value.code == "INVALID_ARGUMENT"  # the model's fault, not an internal one
-        assert "cannot run the model" in failed.value.message
+        assert "kernel_shape is not compatible" in failed.value.message  # says what failed
 
 
 def test_no_escape_sequences_and_no_token(daemon_log: str) -> None:
