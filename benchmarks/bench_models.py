@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--variants", type=int, default=8)
-    parser.add_argument("--calibrate", type=int, default=6)
-    parser.add_argument("--min-rounds", type=int, default=3)
-    parser.add_argument("--max-rounds", type=int, default=6)
-    parser.add_argument("--max-seconds", type=float, default=45.0,
+    parser.add_argument("--calibrate", type=int, default=5)
+    parser.add_argument("--min-rounds", type=int, default=2)
+    parser.add_argument("--max-rounds", type=int, default=4)
+    parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="cap on one whole-network measurement call (all its networks)")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.9)
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 network, row["analysis"] = _analysis(name)
                 path = args.workdir / f"{name}.sqlite"
-                path.unlink(missing_ok=True)  # on demand from empty: counts the keys needed
+                for old in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                    old.unlink(missing_ok=True)  # on demand from empty: counts the keys needed
                 with LutStore.open(path, identity_for(info, SESSION)) as store:
                     rep = validate(store, pool, network, SESSION, variants=args.variants,
                                    seed=0, calibration=args.calibrate, protocol=protocol)
