@@ -50,8 +50,10 @@ run: $(STAMP) protos
 		--budget 0.5 --base-epochs 3 --initial-reduction 0.05 --short-term-steps 10 \
 		--long-term-epochs 1 --workdir runs/mobilenet_v1-mnist --overwrite
 
+# ruff, and import-linter's contracts in pyproject.toml (imports flow one way).
 lint: $(STAMP) protos
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP) protos
 	$(BIN)/mypy device_server host lut

@@ -36,19 +36,19 @@ import torch
 from torch import nn
 
 from device_server.spec import SessionSpec
-from host.daemon import start_local_daemon
 from host.data import DataSplits, load_dataset
+from host.device.local_daemon import start_local_daemon
+from host.device.pool import DevicePool
+from host.device.table_builder import ensure_overhead, identity_for
+from host.device.whole_model import measure_networks
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import NetAdapt
 from host.graph.onnx_export import export_onnx
 from host.graph.surgery import uniform_width_config
 from host.lut_validation import calibrate, on_demand
 from host.network import Network, analyse
-from host.pool import DevicePool
 from host.training import TrainConfig, evaluate, fine_tune, pretrained_base, recalibrate_batchnorm
 from host.training import train as train_model
-from host.whole_model import measure_networks
-from lut.builder import ensure_overhead, identity_for
 from lut.calibration import architecture_of
 from lut.estimator import LatencyEstimator
 from lut.store import LutStore
@@ -128,7 +128,7 @@ def _run_seed(seed: int, args: argparse.Namespace, splits: DataSplits, pool: Dev
     models = [network.model] + [f["model"] for f in finals.values()]
     blobs = [export_onnx(m, network.input_shape) for m in models]
     # Every final network and the original in the same interleaved rounds; speedups from the
-    # per-round ratios (host/whole_model.py).
+    # per-round ratios (host/device/whole_model.py).
     rounds = measure_networks(pool.clients[0], blobs, SESSION)
     original_ms = rounds.figure(0).value
     rows: dict[str, dict[str, Any]] = {"original": {

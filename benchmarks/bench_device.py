@@ -22,8 +22,8 @@ from pathlib import Path
 from device_server.builder import build_layer_model
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.timer import TimeBudget, create_session, time_callable
-from host.client import DeviceClient
-from host.daemon import start_local_daemon
+from host.device.client import DeviceClient
+from host.device.local_daemon import start_local_daemon
 from host.graph.units import extract_units, unit_specs
 from host.models.registry import build_model
 

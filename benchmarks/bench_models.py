@@ -9,7 +9,8 @@ input size 1x3x224x224:
    groups kept whole (with their reasons), seconds;
 2. `lut validate` (host.lut_validation.validate) from an empty on-demand table: the correction
    fitted on `--calibrate` whole networks, then `--variants` random pruned variants estimated
-   from the table and measured whole on the daemon (the robust protocol of host/whole_model.py
+   from the table and measured whole on the daemon (the robust protocol of
+   host/device/whole_model.py
    with `--min-rounds`/`--max-rounds`/`--max-seconds` per call); median and max |error|;
 3. a `--iterations`-iteration NetAdapt run (the real engine) towards `--budget` of the measured
    latency, on 64/32/32 digits upsampled to 3x224x224 (accuracy figures mean nothing here:
@@ -39,16 +40,16 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from device_server.spec import OpKind, SessionSpec
-from host.daemon import start_local_daemon
 from host.data import DataSplits, load_sklearn_digits
+from host.device.local_daemon import start_local_daemon
+from host.device.pool import DevicePool
+from host.device.table_builder import identity_for
+from host.device.whole_model import WholeModelProtocol
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import NetAdapt
 from host.lut_validation import on_demand, validate
 from host.models.registry import build_model_for
 from host.network import analyse
-from host.pool import DevicePool
-from host.whole_model import WholeModelProtocol
-from lut.builder import identity_for
 from lut.calibration import architecture_of
 from lut.estimator import LatencyEstimator
 from lut.store import LutStore

@@ -7,7 +7,7 @@ minimum, 10th and 25th percentiles, median and 10%-trimmed mean. Reported: the c
 variation of each statistic over the calls (lower = repeats better), per network and policy.
 "session" repeats the new policy on copies of the model that differ only in their doc string,
 so every call builds a new ONNX Runtime session. Then the whole-network protocol
-(host/whole_model.py) twice per condition: how far its figures moved between the two runs.
+(host/device/whole_model.py) twice per condition: how far its figures moved between the two runs.
 
 Policies: "old" (before the robust protocol: 20 samples of >= 5 ms, statistic: median) and
 "new" (60 samples of >= 1 ms, preempted samples taken again).
@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 
 from device_server.spec import MeasurePolicy, SessionSpec
-from host.daemon import start_local_daemon
+from host.device.local_daemon import start_local_daemon
+from host.device.noisy_neighbour import NoisyNeighbour
+from host.device.whole_model import WHOLE_MODEL_POLICY, measure_networks
 from host.network import load_network, random_config
-from host.noisy_neighbour import NoisyNeighbour
-from host.whole_model import WHOLE_MODEL_POLICY, measure_networks
 
 OLD = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=20, min_repeat_ms=5)
 STATS = ("min", "p10", "p25", "median", "trimmed_mean")

@@ -45,13 +45,13 @@ import torch  # noqa: E402
 
 from device_server import wire  # noqa: E402
 from device_server.spec import LayerSpec, MeasurePolicy, NodeOperand  # noqa: E402
-from host.client import DeviceClient, DeviceError, Measurement  # noqa: E402
-from host.daemon import start_local_daemon  # noqa: E402
 from host.data import DataSplits  # noqa: E402
+from host.device.client import DeviceClient, DeviceError, Measurement  # noqa: E402
+from host.device.local_daemon import start_local_daemon  # noqa: E402
+from host.device.table_builder import build_table, identity_for  # noqa: E402
 from host.engine.config import Budget  # noqa: E402
 from host.engine.failures import RunFailure  # noqa: E402
 from host.engine.netadapt import IterationRecord, NetAdapt  # noqa: E402
-from lut.builder import build_table, identity_for  # noqa: E402
 from lut.keys import plan_keys  # noqa: E402
 from lut.store import LutDiskFull, LutStore  # noqa: E402
 from protos import device_pb2 as pb  # noqa: E402
@@ -320,7 +320,7 @@ def bench_hostile_models(address: str) -> dict[str, Any]:
 _CLIENT = """
 import json, sys
 from device_server.spec import LayerSpec, MeasurePolicy
-from host.client import DeviceClient
+from host.device.client import DeviceClient
 spec = LayerSpec.from_dict(json.loads(sys.argv[2]))
 policy = MeasurePolicy(warmup_runs=1, min_warmup_ms=0, repeat=400, min_repeat_ms=50)
 with DeviceClient(sys.argv[1], token=sys.argv[4], timeout_s=120, retries=0) as client:
@@ -560,7 +560,7 @@ def _lut_disk_full(disk: Path, pool: Any) -> dict[str, Any]:
 def _lut_build_killed(folder: Path, address: str) -> dict[str, int]:
     """`lut build` SIGKILLed mid-build: every row it committed is there for the next build."""
     path = folder / "killed-build.sqlite"
-    cmd = [sys.executable, "-m", "host.cli", "lut", "build", "--device", address,
+    cmd = [sys.executable, "-m", "host.cli.netadapt_host", "lut", "build", "--device", address,
            "--model", "mobilenet_v1", "--step", "4", "--lut", str(path), "--calibrate", "0"]
     proc = subprocess.Popen(cmd, env=_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

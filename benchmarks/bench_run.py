@@ -3,7 +3,7 @@
 Runs the main job (the `make run` command line: MobileNetV1 width 0.5 on the shipped MNIST
 digits, half the measured latency, a daemon on loopback) `--runs` times, each in a fresh empty
 folder as a fresh clone would (no table, no cached base model), optionally beside a seeded
-noisy neighbour on every core (`--noise`, host/noisy_neighbour.py), and reports for each run
+noisy neighbour on every core (`--noise`, host/device/noisy_neighbour.py), and reports for each run
 the final ratio to the original measured in the same passes (with its 95% interval) against the
 budget, and the test accuracy.
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from host.noisy_neighbour import NoisyNeighbour
+from host.device.noisy_neighbour import NoisyNeighbour
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keep in step with the Makefile's `run` target.

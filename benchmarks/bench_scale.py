@@ -32,16 +32,16 @@ from typing import Any
 import torch
 
 from device_server.spec import SessionSpec
-from host.daemon import start_local_daemon
 from host.data import load_dataset
+from host.device.local_daemon import start_local_daemon
+from host.device.pool import DevicePool
+from host.device.table_builder import DriftGuard, build_table, identity_for
 from host.engine.executor import Executor, LocalPoolExecutor, SequentialExecutor
 from host.engine.metrics import make_metric
 from host.engine.proposals import ProposalContext, ProposalResult, choose_proposals
 from host.engine.ray_executor import RayExecutor, import_ray
 from host.network import analyse, load_network
-from host.pool import DevicePool
 from host.training import TrainConfig, pretrained_base
-from lut.builder import DriftGuard, build_table, identity_for
 from lut.keys import plan_keys, shuffled
 from lut.store import LutStore
 

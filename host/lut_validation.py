@@ -4,7 +4,7 @@ variants of a network.
 `calibrate` measures a few whole variants (seeded apart from validation's) and stores them in
 the table, so the estimator's correction is fitted on them; `validate` draws other variants,
 estimates each from the table (measuring missing units on demand) and measures each whole
-network on the device with the whole-network protocol (host/whole_model.py: interleaved
+network on the device with the whole-network protocol (host/device/whole_model.py: interleaved
 rounds until each 95% interval is within the target, or the cap), and reports every variant's
 measured interval beside its error.
 """
@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from device_server.spec import LayerSpec, SessionSpec
+from host.device.pool import DevicePool
+from host.device.table_builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
+from host.device.watch import DeviceWatch
+from host.device.whole_model import DEFAULT_PROTOCOL, WholeModelProtocol, measure_networks
 from host.network import Network, random_config
-from host.pool import DevicePool
-from host.whole_model import DEFAULT_PROTOCOL, WholeModelProtocol, measure_networks
-from lut.builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
 from lut.calibration import MODEL_KIND, architecture_of, model_row_key, parse_model_row_key
-from lut.device_watch import DeviceWatch
 from lut.estimator import Fetch, LatencyEstimator
 from lut.store import LutStore
 
@@ -44,7 +44,7 @@ def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
               watch: DeviceWatch | None = None) -> Fetch:
     """A fetch callback for the estimator: measure what the table lacks, store it, return it.
     With `watch`, the device state of every measurement is checked (warnings are logged)."""
-    from lut.builder import LUT_POLICY
+    from host.device.table_builder import LUT_POLICY
 
     def fetch(specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
         return measure_into(store, pool, specs, session, LUT_POLICY, None, report, watch,

@@ -22,14 +22,15 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from device_server.spec import LayerSpec
-from host.graph.groups import ChannelPlanner
 
-__all__ = ["candidate_counts", "unit_dependencies", "KeyPlan", "plan_keys", "iter_keys",
-           "count_entries", "PlanTooLarge", "DEFAULT_MAX_KEYS", "shuffled"]
+__all__ = ["ChannelPlanner", "Group", "candidate_counts", "unit_dependencies", "KeyPlan",
+           "plan_keys", "iter_keys", "count_entries", "PlanTooLarge", "DEFAULT_MAX_KEYS",
+           "shuffled"]
 
 # ~30 min of a 2-core x86 daemon at LUT_POLICY (~58 keys/s), hours on a phone: beyond this a
 # grid is almost always finer than the engine needs (its steps are a few percent of latency).
@@ -37,6 +38,33 @@ DEFAULT_MAX_KEYS = 100_000
 _COARSER_STEPS = (2, 4, 8, 16, 32, 64)
 
 _Key = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class Group(Protocol):
+    """A prunable group as planning sees it: its id and its unpruned channel count."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+
+class ChannelPlanner(Protocol):
+    """What key planning needs of a network (the contract `host.graph.groups.ChannelPlanner`
+    fulfils; declared here so that lut depends on nothing above it).
+
+    `channels(config)`: per fusion unit, (input channel counts, output channel counts) of the
+    network pruned to `config` (group id -> channels); `unit_specs(i, key)`: the `LayerSpec`s of
+    unit i at those counts.
+    """
+
+    @property
+    def groups(self) -> Sequence[Group]: ...
+
+    def channels(self, config: Mapping[int, int]) -> list[_Key]: ...
+
+    def unit_specs(self, index: int, key: _Key) -> tuple[LayerSpec, ...]: ...
 
 
 def candidate_counts(channels: int, step: int) -> list[int]:

@@ -14,16 +14,16 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from device_server.spec import SessionSpec
-from host.client import DeviceClient
 from host.data import DataSplits, load_dataset
+from host.device.client import DeviceClient
+from host.device.pool import DevicePool
+from host.device.table_builder import ensure_overhead, identity_for
+from host.device.whole_model import WholeModelProtocol
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import NetAdapt
 from host.lut_validation import calibrate, on_demand
 from host.models.mobilenet_v1 import MobileNetV1
 from host.network import Network, analyse
-from host.pool import DevicePool
-from host.whole_model import WholeModelProtocol
-from lut.builder import ensure_overhead, identity_for
 from lut.calibration import architecture_of
 from lut.estimator import LatencyEstimator
 from lut.store import LutStore

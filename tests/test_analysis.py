@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from device_server.server import RunningServer
-from host.cli import main as host_main
+from host.cli.netadapt_host import main as host_main
 from host.graph import (
     UnsupportedLayerError,
     check_onnx,

@@ -15,7 +15,7 @@ import pytest
 
 from device_server.server import RunningServer, ServerConfig, running_server
 from device_server.spec import LayerSpec
-from host.bench_cli import load_specs, main
+from host.cli.netadapt_bench import load_specs, main
 from tests.test_client import gemm_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def _console_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("netadapt-bench")
-    return [found] if found else [sys.executable, "-m", "host.bench_cli"]
+    return [found] if found else [sys.executable, "-m", "host.cli.netadapt_bench"]
 
 
 def test_console_command_unreachable_device_is_one_line() -> None:

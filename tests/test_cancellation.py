@@ -24,7 +24,7 @@ from device_server import wire
 from device_server.measurer import Limits
 from device_server.server import RunningServer, ServerConfig, running_server
 from device_server.spec import LayerSpec, MeasurePolicy
-from host.client import DeviceClient, DeviceError, Measurement
+from host.device.client import DeviceClient, DeviceError, Measurement
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
@@ -42,7 +42,7 @@ _CLIENT = """
 import sys
 from device_server import wire
 from device_server.spec import LayerSpec, MeasurePolicy
-from host.client import DeviceClient
+from host.device.client import DeviceClient
 spec = LayerSpec.from_dict(__import__("json").loads(sys.argv[2]))
 policy = MeasurePolicy(warmup_runs=1, min_warmup_ms=0, repeat=400, min_repeat_ms=50)
 with DeviceClient(sys.argv[1], timeout_s=120, retries=0) as client:

@@ -7,7 +7,7 @@ import argparse
 import io
 from pathlib import Path
 
-from host.cli import build_parser, main, with_default_command
+from host.cli.netadapt_host import build_parser, main, with_default_command
 
 
 def test_the_brief_invocation_means_adapt(tmp_path: Path) -> None:

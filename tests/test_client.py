@@ -25,13 +25,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from device_server.server import RunningServer, ServerConfig, running_server
 from device_server.spec import LayerSpec, OpKind, SessionSpec
-from host.client import (
+from host.device.client import (
     DeviceClient,
     DeviceError,
     MeasureFailure,
     Measurement,
 )
-from host.daemon import DaemonStartError, start_local_daemon
+from host.device.local_daemon import DaemonStartError, start_local_daemon
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
@@ -250,7 +250,7 @@ def test_retries_until_a_late_daemon_comes_up(caplog: pytest.LogCaptureFixture) 
     thread = threading.Thread(target=serve_late, daemon=True)
     thread.start()
     try:
-        with caplog.at_level(logging.INFO, logger="host.client"):
+        with caplog.at_level(logging.INFO, logger="host.device.client"):
             with DeviceClient(f"127.0.0.1:{port}", retries=8, backoff_s=0.1) as client:
                 assert not up.is_set()
                 m = client.measure(LINEAR, policy=FAST_POLICY)
@@ -410,7 +410,7 @@ def test_local_daemon_that_cannot_start_reports_its_log() -> None:
 
 def test_client_side_needs_no_torch() -> None:
     code = (
-        "import sys, host.client, host.daemon, host.bench_cli; "
+        "import sys, host.device.client, host.device.local_daemon, host.cli.netadapt_bench; "
         "sys.exit('torch' in sys.modules or 'onnx' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

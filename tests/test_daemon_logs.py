@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from device_server import wire
 from device_server.spec import LayerSpec
-from host.client import DeviceClient, DeviceError
+from host.device.client import DeviceClient, DeviceError
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY

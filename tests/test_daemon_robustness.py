@@ -17,7 +17,7 @@ from device_server import wire
 from device_server.measurer import Limits
 from device_server.server import RunningServer, ServerConfig, running_server
 from device_server.spec import LayerSpec, MeasurePolicy
-from host.client import DeviceClient, DeviceError
+from host.device.client import DeviceClient, DeviceError
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY

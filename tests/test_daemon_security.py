@@ -21,8 +21,8 @@ import pytest
 
 from device_server.server import RunningServer
 from device_server.spec import GraphOptimization, LayerSpec, SessionSpec
-from host.bench_cli import main as bench_main
-from host.client import DeviceClient, DeviceError
+from host.cli.netadapt_bench import main as bench_main
+from host.device.client import DeviceClient, DeviceError
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from host import bench_cli
-from host.client import DeviceClient, DeviceError
+from host.cli import netadapt_bench as bench_cli
+from host.cli.netadapt_deploy import main
 from host.deploy import adb, wheels
 from host.deploy.bundle import (
     MANIFEST_NAME,
@@ -38,12 +38,12 @@ from host.deploy.bundle import (
     build_bundle,
     device_requirements,
 )
-from host.deploy.cli import main
 from host.deploy.deployer import DeployConfig, _endpoint
 from host.deploy.remote import TERMUX_PACKAGES, RemoteSettings, parse_report, render_script
 from host.deploy.ssh import SshOptions, ssh_command
 from host.deploy.target import AdbTarget, SshTarget, TargetError, parse_device
 from host.deploy.tokens import read_host_token, token_path, write_host_token
+from host.device.client import DeviceClient, DeviceError
 from tests.helpers_device_hosts import DeviceHost, why_not_namespace, x86_host
 from tests.test_daemon_process import NO_TORCH
 
@@ -298,7 +298,7 @@ def test_termux_gets_its_python_packages_from_pkg(tmp_path: Path) -> None:
 
 
 def test_deploy_tool_imports_no_torch() -> None:
-    code = NO_TORCH + "import host.deploy.cli\nassert 'torch' not in sys.modules\n"
+    code = NO_TORCH + "import host.cli.netadapt_deploy\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 

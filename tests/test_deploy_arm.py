@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from device_server.server import RunningServer
-from host import bench_cli
-from host.client import DeviceClient, DeviceError
+from host.cli import netadapt_bench as bench_cli
+from host.cli.netadapt_deploy import main as deploy_main
 from host.deploy.bundle import device_requirements
-from host.deploy.cli import main as deploy_main
+from host.device.client import DeviceClient, DeviceError
 from tests.helpers_device_hosts import (
     DeviceHost,
     arm64_host,

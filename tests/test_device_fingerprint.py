@@ -24,8 +24,8 @@ from device_server.android_props import parse_getprop, read_props
 from device_server.cpu_parts import core_name
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list, parse_cpuinfo
 from device_server.device_info import DeviceIdentity, probe_identity
-from host import bench_cli
-from host.daemon import start_local_daemon
+from host.cli import netadapt_bench as bench_cli
+from host.device.local_daemon import start_local_daemon
 
 DEVICES = Path(__file__).parent / "data" / "devices"
 NAMES = sorted(p.name for p in DEVICES.iterdir() if p.is_dir())

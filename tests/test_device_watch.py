@@ -12,10 +12,10 @@ import pytest
 from device_server.device_info import StateReader
 from device_server.server import RunningServer
 from device_server.spec import LayerSpec, SessionSpec
-from host.client import DeviceClient
-from host.pool import DevicePool
-from lut.builder import DriftGuard, build_table, identity_for
-from lut.device_watch import DeviceWatch, WatchLimits
+from host.device.client import DeviceClient
+from host.device.pool import DevicePool
+from host.device.table_builder import DriftGuard, build_table, identity_for
+from host.device.watch import DeviceWatch, WatchLimits
 from lut.store import LutStore
 from tests.conftest import FAST_POLICY
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from device_server.server import RunningServer
-from host.cli import main as host_main
+from host.cli.netadapt_host import main as host_main
 from host.engine.config import Budget
 from host.engine.netadapt import BudgetUnreachable, CheckpointError, IterationRecord
 from host.engine.proposals import choose_proposals

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from host.cli import main as host_main
-from host.daemon import start_local_daemon
+from host.cli.netadapt_host import main as host_main
 from host.data import DataSplits
+from host.device.local_daemon import start_local_daemon
+from host.device.table_builder import build_table, identity_for
 from host.engine.config import Budget
 from host.engine.failures import DeviceLost, DiskFull, ProposalWorkerDied
 from host.engine.netadapt import IterationRecord, NetAdapt
-from lut.builder import build_table, identity_for
 from lut.keys import plan_keys
 from lut.store import LutDiskFull, LutStore
 from tests.conftest import FAST_POLICY

@@ -17,7 +17,7 @@ from device_server import wire
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed, graph_ranges, make_input
 from device_server.server import RunningServer
-from host.bench_cli import main as bench_main
+from host.cli.netadapt_bench import main as bench_main
 
 
 def _gather_model(rows: int = 2, cast: bool = False, extra_int: bool = False) -> bytes:

@@ -15,12 +15,19 @@ from torch import nn
 from device_server.server import RunningServer
 from device_server.spec import LayerSpec, SessionSpec
 from device_server.stats import Conditions, TimingStats
-from host.cli import main as host_main
-from host.client import DeviceClient, DeviceError, Measurement
-from host.daemon import start_local_daemon
+from host.cli.netadapt_host import main as host_main
+from host.device.client import DeviceClient, DeviceError, Measurement
+from host.device.local_daemon import start_local_daemon
+from host.device.pool import DevicePool, PoolReport
+from host.device.table_builder import (
+    BuildReport,
+    DriftGuard,
+    NoiseGuard,
+    build_table,
+    identity_for,
+    measure_into,
+)
 from host.network import Network, analyse, random_config
-from host.pool import DevicePool, PoolReport
-from lut.builder import BuildReport, DriftGuard, NoiseGuard, build_table, identity_for, measure_into
 from lut.calibration import CalibrationSample, fit_correction
 from lut.estimator import LatencyEstimator, LutMissingKeyError
 from lut.keys import candidate_counts, plan_keys
@@ -184,8 +191,8 @@ def test_estimator_sums_interpolates_and_names_missing_keys(network: Network,
 
 def test_on_demand_estimator_measures_only_what_it_needs(network: Network, pool: DevicePool,
                                                          tmp_path: Path) -> None:
+    from host.device.table_builder import ensure_overhead
     from host.lut_validation import on_demand
-    from lut.builder import ensure_overhead
 
     with _store(tmp_path / "t.sqlite", pool) as store:
         ensure_overhead(store, pool, SESSION)

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from host.cli import main as host_main
+from host.cli.lut import announce_on_demand
+from host.cli.netadapt_host import main as host_main
 from host.graph.groups import ChannelPlanner
-from host.lut_cli import announce_on_demand
 from host.network import load_network
 from lut.keys import PlanTooLarge, candidate_counts, plan_keys, unit_dependencies
 from tests.helpers_engine import SESSION, small_network
@@ -72,7 +72,7 @@ def test_a_plan_over_the_limit_is_refused_with_its_size_and_a_grid_that_fits() -
 
 _PLAN_STEP_1 = """
 import resource, sys
-from host.cli import main
+from host.cli.netadapt_host import main
 code = main(["lut", "build", "--model", "mobilenet_v1", "--input-shape", "1,3,224,224",
              "--num-classes", "1000", "--step", "1", "--device", "127.0.0.1:1"])
 print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)

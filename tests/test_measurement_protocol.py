@@ -25,11 +25,11 @@ from device_server.stats import (
     quantile_interval,
     summarize,
 )
-from host.client import DeviceClient
-from host.daemon import LocalDaemon, start_local_daemon
+from host.device.client import DeviceClient
+from host.device.local_daemon import LocalDaemon, start_local_daemon
+from host.device.noisy_neighbour import NeighbourConfig, NoisyNeighbour
+from host.device.whole_model import Rounds, WholeModelProtocol, measure_networks
 from host.engine.config import Budget
-from host.noisy_neighbour import NeighbourConfig, NoisyNeighbour
-from host.whole_model import Rounds, WholeModelProtocol, measure_networks
 from lut.calibration import CalibrationSample, fit_correction
 from lut.store import LutIdentity, LutStore
 from tests.helpers_engine import small_network

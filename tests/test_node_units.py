@@ -14,7 +14,7 @@ from device_server.builder import build_layer_model
 from device_server.errors import InvalidConfigError
 from device_server.server import RunningServer
 from device_server.spec import Activation, LayerSpec, NodeOperand, OpKind
-from host.client import DeviceClient, MeasureFailure
+from host.device.client import DeviceClient, MeasureFailure
 from host.graph import extract_units, unit_specs
 from lut.estimator import LatencyEstimator
 from tests.conftest import FAST_POLICY

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_server.server import RunningServer
-from host.cli import main as host_main
+from host.cli.netadapt_host import main as host_main
 from host.progress import LineBar, Progress
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from host.cli import main as host_main
+from host.cli.netadapt_host import main as host_main
 from host.data import DataSplits
 from host.engine.config import Budget
 from host.engine.executor import SequentialExecutor

@@ -2,6 +2,6 @@
 
 import sys
 
-from host.deploy.cli import main
+from host.cli.netadapt_deploy import main
 
 sys.exit(main())

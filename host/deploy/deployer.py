@@ -18,7 +18,6 @@ from pathlib import Path
 
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list
 from device_server.server import is_loopback
-from host.client import DeviceClient, DeviceError, DeviceInfo
 from host.deploy import adb, wheels
 from host.deploy.bundle import build_bundle
 from host.deploy.remote import (
@@ -31,7 +30,8 @@ from host.deploy.remote import (
 from host.deploy.ssh import SshOptions, run_ssh
 from host.deploy.target import AdbTarget, SshTarget, Target
 from host.deploy.tokens import new_token, read_host_token, token_path, write_host_token
-from host.device_summary import device_line
+from host.device.client import DeviceClient, DeviceError, DeviceInfo
+from host.device.summary import device_line
 
 __all__ = ["DeployConfig", "DeployResult", "DeviceStatus", "DeployError", "ConfigError", "deploy",
            "status",

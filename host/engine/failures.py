@@ -94,7 +94,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def _as_failure(exc: BaseException) -> RunFailure | None:
-    from host.client import DeviceError
+    from host.device.client import DeviceError
 
     if isinstance(exc, RunFailure):
         return exc

@@ -7,7 +7,7 @@
     measure Net on the device; if it misses Bud, tighten the estimate's target and go on
     long-term fine-tune Net
 
-Budget decisions rest on intervals, never on one figure (host/whole_model.py): a relative
+Budget decisions rest on intervals, never on one figure (host/device/whole_model.py): a relative
 budget is checked as the ratio of the candidate to the original network measured in the same
 interleaved passes; an absolute one on the candidate's own interval. The budget is met when
 the interval lies at or below it, missed when above; in between the device measures more
@@ -38,6 +38,14 @@ import torch
 from torch import nn
 
 from device_server.spec import SessionSpec
+from host.device.pool import DevicePool
+from host.device.whole_model import (
+    DEFAULT_PROTOCOL,
+    Figure,
+    Rounds,
+    WholeModelProtocol,
+    measure_networks,
+)
 from host.engine.config import AdaptConfig
 from host.engine.executor import make_executor
 from host.engine.failures import append_line, run_failures, save_checkpoint
@@ -49,16 +57,8 @@ from host.engine.proposals import (
 )
 from host.graph.onnx_export import export_onnx
 from host.network import Network
-from host.pool import DevicePool
 from host.progress import Progress
 from host.training import TrainConfig, evaluate, train
-from host.whole_model import (
-    DEFAULT_PROTOCOL,
-    Figure,
-    Rounds,
-    WholeModelProtocol,
-    measure_networks,
-)
 from lut.estimator import LatencyEstimator
 from lut.keys import candidate_counts
 

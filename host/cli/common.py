@@ -12,10 +12,10 @@ from typing import TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, SessionSpec
-from host.client import DeviceError
-from host.daemon import DaemonStartError
-from host.devices import TokenFileError, read_token
-from host.pool import FingerprintMismatch
+from host.device.client import DeviceError
+from host.device.connect import TokenFileError, read_token
+from host.device.local_daemon import DaemonStartError
+from host.device.pool import FingerprintMismatch
 
 __all__ = ["CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
            "add_device_options",
@@ -90,8 +90,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def add_protocol_options(p: argparse.ArgumentParser) -> None:
-    """How whole networks are measured (host/whole_model.py): rounds and interval target."""
-    from host.whole_model import WholeModelProtocol
+    """How whole networks are measured (host/device/whole_model.py): rounds and interval target."""
+    from host.device.whole_model import WholeModelProtocol
 
     d = WholeModelProtocol()
     g = p.add_argument_group("whole-network measurement (rounds of the robust protocol)")
@@ -108,7 +108,7 @@ def add_protocol_options(p: argparse.ArgumentParser) -> None:
 
 def protocol_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The WholeModelProtocol the options above ask for."""
-    from host.whole_model import WholeModelProtocol
+    from host.device.whole_model import WholeModelProtocol
 
     try:
         return WholeModelProtocol(min_rounds=args.min_rounds, max_rounds=args.max_rounds,

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from host.adapt_cli import add_adapt_command
-from host.cli_common import EXIT_USAGE, parse_command_line, run_command
-from host.lut_cli import add_lut_commands
+from host.cli.adapt import add_adapt_command
+from host.cli.common import EXIT_USAGE, parse_command_line, run_command
+from host.cli.lut import add_lut_commands
 
 __all__ = ["main", "build_parser"]
 

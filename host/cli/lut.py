@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from device_server.spec import SessionSpec
-from host.cli_common import (
+from host.cli.common import (
     CommandError,
     add_device_options,
     add_model_options,
@@ -22,18 +22,18 @@ from host.cli_common import (
     session_from_args,
     token_from_args,
 )
-from host.client import DeviceError
-from host.devices import open_pool
+from host.device.client import DeviceError
+from host.device.connect import open_pool
+from host.device.plan_estimate import estimate_plan, format_duration
+from host.device.pool import DevicePool
+from host.device.table_builder import DriftGuard, NoiseGuard, build_table, identity_for
+from host.device.watch import DeviceWatch, WatchLimits
 from host.lut_validation import calibrate, validate
 from host.network import Network
-from host.pool import DevicePool
 from host.progress import Progress
-from lut.builder import DriftGuard, NoiseGuard, build_table, identity_for
-from lut.device_watch import DeviceWatch, WatchLimits
 from lut.estimator import LatencyEstimator
 from lut.exchange import export_csv, export_json, import_file
 from lut.keys import DEFAULT_MAX_KEYS, PlanTooLarge, plan_keys
-from lut.plan_estimate import estimate_plan, format_duration
 from lut.store import LutStore
 
 __all__ = ["add_lut_commands", "default_lut_path", "announce_on_demand"]

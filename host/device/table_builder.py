@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats
-from host.client import DeviceInfo, MeasureFailure, Measurement
-from host.pool import DevicePool, DeviceStats
-from lut.device_watch import DeviceWatch
+from host.device.client import DeviceInfo, MeasureFailure, Measurement
+from host.device.pool import DevicePool, DeviceStats
+from host.device.watch import DeviceWatch
 from lut.estimator import OVERHEAD_KEY, OVERHEAD_KIND
 from lut.keys import shuffled
 from lut.store import LutIdentity, LutStore

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list
-from host.cli_common import parse_command_line
+from host.cli.common import parse_command_line
 from host.deploy import wheels
 from host.deploy.adb import AdbError
 from host.deploy.bundle import BundleError, device_requirements
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if not args.verbose:
         # The token goes over plaintext by design here (bound by --bind, a private network or
         # an adb/ssh tunnel); the client's per-connection warning would only repeat that.
-        logging.getLogger("host.client").setLevel(logging.ERROR)
+        logging.getLogger("host.device.client").setLevel(logging.ERROR)
     try:
         return _run(args, out)
     except (TargetError, ConfigError, wheels.WheelError) as exc:

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import torch
 
-from host.cli_common import (
+from host.cli.common import (
     CommandError,
     DefaultsHelpFormatter,
     add_device_options,
@@ -27,17 +27,17 @@ from host.cli_common import (
     session_from_args,
     token_from_args,
 )
-from host.devices import open_pool
+from host.cli.lut import announce_on_demand, open_store
+from host.device.connect import open_pool
+from host.device.table_builder import ensure_overhead
+from host.device.watch import DeviceWatch
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import BudgetUnreachable, CheckpointError, NetAdapt, RunExists
 from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
-from host.lut_cli import announce_on_demand, open_store
 from host.lut_validation import calibrate, on_demand
 from host.progress import Progress
-from lut.builder import ensure_overhead
 from lut.calibration import architecture_of
-from lut.device_watch import DeviceWatch
 from lut.estimator import LatencyEstimator
 
 __all__ = ["add_adapt_command"]

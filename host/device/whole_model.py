@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from device_server.spec import MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats, median_interval, summarize
-from host.client import DeviceClient
+from host.device.client import DeviceClient
 
 __all__ = ["WHOLE_MODEL_POLICY", "DEFAULT_PROTOCOL", "WholeModelProtocol", "Figure", "Rounds",
            "measure_networks"]
@@ -150,7 +150,7 @@ def measure_networks(
     Returns:
         the rounds; `figure(i)` / `ratio(i, ref)` give the figures with their intervals.
     Raises:
-        host.client.DeviceError: a measurement failed.
+        host.device.client.DeviceError: a measurement failed.
     """
     t0 = time.monotonic()
     shas = [client.upload_model(b) for b in blobs]

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
-from host.pool import DevicePool
-from lut.builder import LUT_POLICY, NoiseGuard, measure_into
+from host.device.pool import DevicePool
+from host.device.table_builder import LUT_POLICY, NoiseGuard, measure_into
 from lut.keys import shuffled
 from lut.store import LutStore
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from device_server.cpu_topology import CpuCluster, describe_clusters, format_cpu_list
-from host.client import DeviceInfo
+from host.device.client import DeviceInfo
 
 __all__ = ["clusters_line", "pinning_line", "device_line"]
 

@@ -31,12 +31,12 @@ from typing import Any, NoReturn, TextIO
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
-from host.cli_common import CommandError, parse_command_line, run_command
-from host.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
-from host.daemon import start_local_daemon
-from host.device_summary import clusters_line, pinning_line
-from host.devices import TokenFileError, read_token
-from host.table import format_ms, format_table
+from host.cli.common import CommandError, parse_command_line, run_command
+from host.cli.table import format_ms, format_table
+from host.device.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
+from host.device.connect import TokenFileError, read_token
+from host.device.local_daemon import start_local_daemon
+from host.device.summary import clusters_line, pinning_line
 
 __all__ = ["main", "InputError"]
 

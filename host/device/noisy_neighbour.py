@@ -12,7 +12,7 @@ the other cores. Every process stops at its deadline, or when its parent dies.
     with NoisyNeighbour(cores=[0, 1], seed=0, duty=0.5):
         ...  # measure
 
-    python -m host.noisy_neighbour --seconds 600 --cores 0,1 --duty 0.5   # from a shell
+    python -m host.device.noisy_neighbour --seconds 600 --cores 0,1 --duty 0.5   # from a shell
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class NoisyNeighbour:
         cores: list[int | None] = list(cfg.cores) or list(_all_cores()) or [None]
         # Separate interpreters: nothing of the caller (threads, locks, __main__) is inherited.
         for i, core in enumerate(cores):
-            argv = [sys.executable, "-m", "host.noisy_neighbour", "--worker", str(i),
+            argv = [sys.executable, "-m", "host.device.noisy_neighbour", "--worker", str(i),
                     "--parent", str(os.getpid()), "--seed", str(cfg.seed),
                     "--duty", str(cfg.duty), "--seconds", str(cfg.seconds),
                     "--burst-ms", f"{cfg.burst_ms[0]},{cfg.burst_ms[1]}",
@@ -149,8 +149,8 @@ def _all_cores() -> set[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m host.noisy_neighbour`: run the load in the foreground until its deadline."""
-    p = argparse.ArgumentParser(prog="python -m host.noisy_neighbour", description=__doc__,
+    """`python -m host.device.noisy_neighbour`: the load in the foreground until its deadline."""
+    p = argparse.ArgumentParser(prog="python -m host.device.noisy_neighbour", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=600.0,
                    help="stop after this many seconds (default 600)")

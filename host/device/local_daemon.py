@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from host.client import DeviceClient, DeviceError
+from host.device.client import DeviceClient, DeviceError
 
 __all__ = ["LocalDaemon", "DaemonStartError", "start_local_daemon"]
 

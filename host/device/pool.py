@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
-from host.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
+from host.device.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
 
 __all__ = ["DevicePool", "PoolReport", "DeviceStats", "FingerprintMismatch"]
 

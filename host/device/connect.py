@@ -7,8 +7,8 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
-from host.daemon import start_local_daemon
-from host.pool import DevicePool
+from host.device.local_daemon import start_local_daemon
+from host.device.pool import DevicePool
 
 __all__ = ["read_token", "open_pool", "TokenFileError"]
 
