@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, NoReturn, TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, SessionSpec
@@ -17,7 +17,8 @@ from host.device.connect import TokenFileError, read_token
 from host.device.local_daemon import DaemonStartError
 from host.device.pool import FingerprintMismatch
 
-__all__ = ["CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
+__all__ = ["CliParser", "CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
+           "EXIT_NOT_SERVING",
            "add_device_options",
            "add_protocol_options", "protocol_from_args",
            "add_model_options", "load_network_from_args", "session_from_args",
@@ -25,8 +26,21 @@ __all__ = ["CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
 
 log = logging.getLogger(__name__)
 
-EXIT_DEVICE = 1   # a device, table or run failed
-EXIT_USAGE = 2    # the command line or an input is wrong; nothing was measured
+EXIT_DEVICE = 1       # a device, table or run failed
+EXIT_USAGE = 2        # the command line or an input is wrong; nothing was measured
+EXIT_NOT_SERVING = 3  # netadapt-deploy status: the daemon is not running or not serving
+
+
+class CliParser(argparse.ArgumentParser):
+    """The one parser base of every command line: errors on one line (no usage dump) with
+    exit code EXIT_USAGE, and every option's default in its help (`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None,

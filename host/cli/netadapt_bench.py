@@ -26,12 +26,18 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
-from host.cli.common import CommandError, parse_command_line, run_command
+from host.cli.common import (
+    EXIT_DEVICE,
+    CliParser,
+    CommandError,
+    parse_command_line,
+    run_command,
+)
 from host.cli.table import format_ms, format_table
 from host.device.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
 from host.device.connect import TokenFileError, read_token
@@ -43,8 +49,6 @@ __all__ = ["main", "InputError"]
 logger = logging.getLogger(__name__)
 
 PROG = "netadapt-bench"
-EXIT_DEVICE = 1  # the device could not be reached, or refused or failed a measurement
-EXIT_USAGE = 2  # the command line or an input file is wrong; nothing was measured
 _DEFAULT_POLICY = MeasurePolicy()
 _TABLE_HEADERS = ("config", "median ms", "p90 ms", "std ms", "n", "number", "provider", "threads")
 _TABLE_RIGHT = (False, True, True, True, True, True, False, True)
@@ -54,11 +58,7 @@ class InputError(CommandError):
     """The command line or an input file is wrong; the message says what to fix."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports errors on one line (no usage dump), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+_Parser = CliParser
 
 
 # -- argument types --------------------------------------------------------------------------
@@ -576,16 +576,13 @@ def _run_batch(
     timeout_s: float | None,
 ) -> int:
     stream_timeout = timeout_s * len(specs) if timeout_s else None
-    results: dict[str, Measurement | MeasureFailure] = {}
-    order: list[str] = []
+    results: list[Measurement | MeasureFailure] = []
     with _progress(len(specs), err) as advance:
         for r in client.measure_many(specs, session, policy, timeout_s=stream_timeout):
-            results[r.request_id] = r
-            order.append(r.request_id)
+            results.append(r)
             advance()
-    # Request ids end in the item's index: print in the order of the file.
-    ordered = sorted(order, key=lambda rid: int(rid.rsplit("-", 1)[1]))
-    rows = [(_label(results[rid]), results[rid]) for rid in ordered]
+    # Answers come in the order measured: print in the order of the file.
+    rows = [(_label(r), r) for r in sorted(results, key=lambda r: r.index)]
     _print_measurements(rows, args.json, out)
     failures = [r for _, r in rows if isinstance(r, MeasureFailure)]
     for f in failures:

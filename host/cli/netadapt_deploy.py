@@ -21,10 +21,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list
-from host.cli.common import parse_command_line
+from host.cli.common import EXIT_DEVICE, EXIT_NOT_SERVING, EXIT_USAGE, CliParser, parse_command_line
 from host.deploy import wheels
 from host.deploy.adb import AdbError
 from host.deploy.bundle import BundleError, device_requirements
@@ -46,14 +46,9 @@ from host.deploy.tokens import netadapt_home
 __all__ = ["main", "build_parser", "usage_lines"]
 
 PROG = "netadapt-deploy"
-EXIT_DEVICE = 1
-EXIT_USAGE = 2
-EXIT_NOT_SERVING = 3
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+_Parser = CliParser
 
 
 def _port(text: str) -> int:

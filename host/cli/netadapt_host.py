@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from host.cli.adapt import add_adapt_command
-from host.cli.common import EXIT_USAGE, parse_command_line, run_command
+from host.cli.common import CliParser, parse_command_line, run_command
 from host.cli.lut import add_lut_commands
 
 __all__ = ["main", "build_parser"]
@@ -24,9 +24,7 @@ __all__ = ["main", "build_parser"]
 PROG = "netadapt-host"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+_Parser = CliParser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,11 +164,13 @@ class Measurement:
     config_hash: str
     model_sha256: str | None = None
     state: dict[str, str] = field(default_factory=dict)  # device state as it ended
+    index: int = -1  # position in `measure_many`'s input; -1 for single measurements
 
     @property
     def latency_ms(self) -> float:
-        """The figure a lookup table stores: the median per-call time."""
-        return self.timing.median_ms
+        """The figure a lookup table stores: the robust per-call time (`TimingStats.robust_ms`:
+        the 10th percentile of the samples the daemon did not see preempted)."""
+        return self.timing.robust_ms
 
     def to_dict(self) -> dict[str, object]:
         timing = dataclasses.asdict(self.timing)
@@ -196,6 +198,7 @@ class MeasureFailure:
     spec: LayerSpec
     code: str  # gRPC status code name, e.g. "INVALID_ARGUMENT"
     message: str
+    index: int = -1  # position in `measure_many`'s input
 
     def to_error(self) -> DeviceError:
         return DeviceError(self.code, self.message)
@@ -381,9 +384,11 @@ class DeviceClient:
     ) -> Iterator[MeasureResult]:
         """Times many layers over one stream; yields each result as the daemon answers it.
 
-        Each result carries its `request_id` and `spec`; a layer the daemon could not measure
-        yields a `MeasureFailure` and the others go on. `on_result` (if given) is called with
-        each result before it is yielded (e.g. to advance a progress bar or store a row).
+        Each result carries its `request_id`, `spec` and `index` (its position in `specs`: the
+        daemon answers in the order it measured, not the order given); a layer the daemon could
+        not measure yields a `MeasureFailure` and the others go on. `on_result` (if given) is
+        called with each result before it is yielded (e.g. to advance a progress bar or store a
+        row).
 
         `timeout_s` bounds the whole stream; by default the client's per-call timeout times
         the number of layers. If the connection drops (UNAVAILABLE), the layers not answered
@@ -406,6 +411,7 @@ class DeviceClient:
             wire.policy_to_proto(policy or MeasurePolicy()),
             on_result,
             total_s,
+            {rid: i for i, rid in enumerate(pending)},
         )
 
     def overhead(
@@ -596,8 +602,10 @@ class DeviceClient:
         policy: pb.MeasurePolicy,
         on_result: Callable[[MeasureResult], None] | None,
         total_s: float,
+        indices: dict[str, int] | None = None,
     ) -> Iterator[MeasureResult]:
         total = len(pending)
+        index_of = indices or {}
         deadline = time.monotonic() + total_s
         failures_in_a_row = 0
         delay = self.backoff_s
@@ -634,10 +642,13 @@ class DeviceClient:
                     result: MeasureResult
                     if reply.HasField("error"):
                         result = MeasureFailure(
-                            reply.request_id, spec, reply.error.code, reply.error.message
+                            reply.request_id, spec, reply.error.code, reply.error.message,
+                            index=index_of.get(reply.request_id, -1),
                         )
                     else:
-                        result = _measurement(reply, spec, reply.request_id)
+                        result = dataclasses.replace(
+                            _measurement(reply, spec, reply.request_id),
+                            index=index_of.get(reply.request_id, -1))
                     if on_result is not None:
                         on_result(result)
                     yield result
