@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_server.spec import LayerSpec
+from device_server.spec import LayerSpec, OpKind
 
 __all__ = ["Correction", "CalibrationSample", "fit_correction", "unit_features",
            "MODEL_KIND", "model_row_key", "parse_model_row_key", "architecture_of"]
@@ -125,7 +125,11 @@ def architecture_of(specs: Sequence[LayerSpec]) -> str:
     for s in specs:
         shape = (s.input_shape[0], *s.input_shape[2:])
         depthwise = s.groups > 1 and s.groups == s.in_channels
-        parts.append((s.op.value, shape, s.kernel, s.stride, s.padding, s.dilation, depthwise,
-                      s.batch_norm, s.activation.value, s.residual, s.bias))
+        part: tuple[object, ...] = (s.op.value, shape, s.kernel, s.stride, s.padding,
+                                    s.dilation, depthwise, s.batch_norm, s.activation.value,
+                                    s.residual, s.bias)
+        if s.op is OpKind.NODE:  # e.g. Sigmoid vs HardSigmoid: other networks (other hashes)
+            part = (*part, s.node_op, s.attributes)
+        parts.append(part)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 

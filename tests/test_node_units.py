@@ -157,3 +157,17 @@ def test_squeeze_excite_units() -> None:
     mul = units[4]
     assert mul.rule == "carry" and mul.inputs == (0, 3)
     assert [o.shape for o in specs[4].operands] == [(1, 16, 8, 8), (1, 16, 1, 1)]
+
+
+def test_architectures_differ_by_their_node_ops_and_not_by_channels() -> None:
+    """Calibration rows are shared by one architecture's variants: a network whose only
+    difference is a node's op (Mul vs Add) or attribute is another architecture."""
+    from lut.calibration import architecture_of
+
+    def add(c: int) -> LayerSpec:
+        return LayerSpec.node("Add", [NodeOperand.input((1, c, 8, 8)),
+                                      NodeOperand.input((1, c, 1, 1))], [(1, c, 8, 8)])
+
+    assert architecture_of([_mul(16)]) == architecture_of([_mul(8)])
+    assert architecture_of([_mul(16)]) != architecture_of([add(16)])
+    assert architecture_of([_concat(8, 8)]) == architecture_of([_concat(16, 8)])
