@@ -46,3 +46,18 @@ def test_every_adapt_option_has_help_and_shows_its_default() -> None:
     for shown in ("(default: 0.025)", "(default: 0.96)", "(default: latency)",
                   "(default: 8)", "(default: 0)", "default 6", "default: start one on"):
         assert shown in text, shown
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from host.cli import netadapt_bench, netadapt_deploy
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    for prog, parser in (("netadapt-host", build_parser()),
+                         ("netadapt-bench", netadapt_bench.build_parser()),
+                         ("netadapt-deploy", netadapt_deploy.build_parser())):
+        parsers[prog] = parser
+        parsers.update({f"{prog} {k}": v for k, v in _subparsers(parser).items()})
+    missing = [f"{name} {a.option_strings[0]}" for name, p in parsers.items()
+               for a in p._actions if a.option_strings and not a.help]
+    assert not missing, missing
+    assert len(parsers) >= 15  # the commands themselves were found

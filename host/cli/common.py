@@ -77,7 +77,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "tiny_cnn) or package.module:factory")
     p.add_argument("--input-shape", type=parse_shape, default=(1, 1, 28, 28),
                    help="N,C,H,W (default 1,1,28,28: the built-in MNIST task)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="size of the model's classifier output")
 
 
 def add_device_options(p: argparse.ArgumentParser) -> None:

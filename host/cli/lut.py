@@ -71,10 +71,11 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                    help=f"refuse a plan of more distinct keys (default {DEFAULT_MAX_KEYS:,})")
     b.add_argument("--calibrate", type=int, default=10,
                    help="whole-network measurements for the correction (default 10)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="order in which keys are measured")
     b.add_argument("--window", type=int, default=DriftGuard.window,
                    help="keys between drift checks")
-    b.add_argument("--drift-threshold", type=float, default=DriftGuard.threshold)
+    b.add_argument("--drift-threshold", type=float, default=DriftGuard.threshold,
+                   help="relative move of the reference layer that re-measures a window")
     b.add_argument("--passes", type=int, default=NoiseGuard.passes,
                    help="measure every key this many times, in different orders, and keep the "
                         "fastest (2 removes most bursts of other load; doubles the build time)")
@@ -89,16 +90,19 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     add_model_options(v)
     add_device_options(v)
     _add_lut_path(v)
-    v.add_argument("--variants", type=int, default=20)
+    v.add_argument("--variants", type=int, default=20,
+                   help="random pruned variants estimated and measured whole")
     add_protocol_options(v)
-    v.add_argument("--calibrate", type=int, default=10)
-    v.add_argument("--step", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--calibrate", type=int, default=10,
+                   help="whole networks measured to fit the estimator's correction")
+    v.add_argument("--step", type=int, default=8,
+                   help="channel grid of the variants (multiples of this)")
+    v.add_argument("--seed", type=int, default=0, help="which random variants")
     v.set_defaults(run=_validate)
 
     i = cmds.add_parser("info", help="what a table holds and what it is valid for")
     i.add_argument("lut_file")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the information as JSON")
     i.set_defaults(run=_info)
 
     e = cmds.add_parser("export", help="write a table as CSV or JSON (by extension)")
@@ -109,7 +113,8 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     m = cmds.add_parser("import", help="merge a CSV/JSON export into a table")
     m.add_argument("lut_file")
     m.add_argument("input")
-    m.add_argument("--allow-mismatch", action="store_true")
+    m.add_argument("--allow-mismatch", action="store_true",
+                   help="merge rows measured under other conditions (with a warning)")
     m.set_defaults(run=_import)
 
 

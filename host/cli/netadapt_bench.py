@@ -196,9 +196,9 @@ def _add_conv_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hw", type=_hw, required=True, metavar="H[xW]", help="input height x width")
     p.add_argument("--padding", type=_padding, default="same", metavar="same|N",
                    help="'same' (dilation*(k-1)/2, odd kernels) or pixels (default same)")
-    p.add_argument("--dilation", type=_positive_int, default=1)
+    p.add_argument("--dilation", type=_positive_int, default=1, help="kernel dilation")
     p.add_argument("--bn", action="store_true", help="followed by BatchNorm")
-    p.add_argument("--bias", action="store_true")
+    p.add_argument("--bias", action="store_true", help="the layer has a bias")
     p.add_argument("--act", choices=[a.value for a in Activation], default="none",
                    help="activation after the conv")
     p.add_argument("--residual", action="store_true", help="add the input before the activation")
@@ -223,19 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("conv2d", "time one convolution (+BatchNorm, activation, residual)")
     p.add_argument("--cin", type=_positive_int, required=True, help="input channels")
     p.add_argument("--cout", type=_positive_int, required=True, help="output channels")
-    p.add_argument("--groups", type=_positive_int, default=1)
+    p.add_argument("--groups", type=_positive_int, default=1,
+                   help="convolution groups (in and out channels divisible by it)")
     _add_conv_options(p)
 
     p = add("dwconv", "time one depthwise convolution")
-    p.add_argument("--channels", type=_positive_int, required=True)
+    p.add_argument("--channels", type=_positive_int, required=True,
+                   help="channels in and out (one filter per channel)")
     _add_conv_options(p)
 
     p = add("linear", "time one fully-connected layer")
-    p.add_argument("--in", dest="in_features", type=_positive_int, required=True)
-    p.add_argument("--out", dest="out_features", type=_positive_int, required=True)
-    p.add_argument("--bias", action="store_true")
-    p.add_argument("--act", choices=[a.value for a in Activation], default="none")
-    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--in", dest="in_features", type=_positive_int, required=True,
+                   help="input features")
+    p.add_argument("--out", dest="out_features", type=_positive_int, required=True,
+                   help="output features")
+    p.add_argument("--bias", action="store_true", help="the layer has a bias")
+    p.add_argument("--act", choices=[a.value for a in Activation], default="none",
+                   help="activation after the layer")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size")
 
     p = add("model", "time a whole ONNX model (uploaded once, then measured by reference)")
     p.add_argument("path", help="an .onnx file")
