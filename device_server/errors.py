@@ -5,7 +5,10 @@ Plain code raises these; the servicer maps them to statuses in one place (servic
 
 from __future__ import annotations
 
+import signal
+
 __all__ = [
+    "describe_exit",
     "MeasurementError",
     "InvalidConfigError",
     "UnavailableProviderError",
@@ -49,3 +52,16 @@ class DeadlineError(MeasurementError):
     """The client's deadline would pass before the measurement could finish."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+def describe_exit(code: int | None, unknown: str = "died (exit status unknown)") -> str:
+    """A process's exit code as the words an error message needs: 'was killed by SIGKILL',
+    'exited with status 3', or `unknown` when there is no code (e.g. the process hangs)."""
+    if code is None:
+        return unknown
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

@@ -88,9 +88,14 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p)."""
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1))
+def _binom_cdfs(n: int, p: float) -> list[float]:
+    """[P(X <= k) for k in 0..n] for X ~ Binomial(n, p), in one pass."""
+    total = 0.0
+    out = []
+    for i in range(n + 1):
+        total += math.comb(n, i) * p**i * (1 - p) ** (n - i)
+        out.append(total)
+    return out
 
 
 def quantile_interval(
@@ -117,19 +122,18 @@ def quantile_interval(
 def _ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
     """1-based ranks (l, u) of the interval; clipped to (1, n) when n is too small."""
     alpha = (1 - confidence) / 2
+    cdf = _binom_cdfs(n, q)  # cdf[k] = P(B <= k), B ~ Binomial(n, q)
     # l: the largest rank with P(B <= l-1) <= alpha; u: the smallest with P(B >= u) <= alpha.
     lo_rank = 1
     for r in range(1, n + 1):
-        if _binom_cdf(r - 1, n, q) <= alpha:
-            lo_rank = r
-        else:
+        if cdf[r - 1] > alpha:
             break
+        lo_rank = r
     hi_rank = n
     for r in range(n, 0, -1):
-        if 1 - _binom_cdf(r - 1, n, q) <= alpha:
-            hi_rank = r
-        else:
+        if 1 - cdf[r - 1] > alpha:
             break
+        hi_rank = r
     return lo_rank, hi_rank
 
 
@@ -138,7 +142,8 @@ def interval_coverage(n: int, q: float, confidence: float = CONFIDENCE) -> float
     is large enough, less when the interval had to be clipped to (min, max) — e.g. 79% for the
     10th percentile of 15 samples, 94% for the median of 5 rounds."""
     lo_rank, hi_rank = _ranks(n, q, confidence)
-    return _binom_cdf(hi_rank - 1, n, q) - _binom_cdf(lo_rank - 1, n, q)
+    cdf = _binom_cdfs(n, q)
+    return cdf[hi_rank - 1] - cdf[lo_rank - 1]  # P(l <= B <= u - 1)
 
 
 def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:

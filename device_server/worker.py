@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from device_server.errors import InvalidConfigError, MeasurementError
+from device_server.errors import InvalidConfigError, MeasurementError, describe_exit
 from device_server.inputs import InputFeed
 from device_server.spec import MeasurePolicy, SessionSpec
 from device_server.stats import TimingStats
@@ -211,14 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the daemon side --------------------------------------------------------------------------
 def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
+    return describe_exit(code, unknown="stopped answering")
 
 
 class MeasureWorker:

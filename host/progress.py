@@ -30,6 +30,7 @@ class LineBar:
     every_s: float = 10.0
     n: int = 0
     postfix: str = ""
+    _shown_n: int = -1   # the count of the last status line: close() does not repeat it
     _t0: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
 
@@ -55,6 +56,7 @@ class LineBar:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
+            self._shown_n = self.n
             self._line(self._status())
 
     def set_postfix_str(self, text: str) -> None:
@@ -64,7 +66,8 @@ class LineBar:
         self._line(text)
 
     def close(self) -> None:
-        self._line(self._status())
+        if self.n != self._shown_n:
+            self._line(self._status())
 
     def __enter__(self) -> LineBar:
         return self

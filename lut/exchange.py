@@ -175,23 +175,19 @@ def _row_from_record(rec: dict[str, object], where: str) -> LutRow:
         if not kind or not key:
             raise ValueError("empty kind or key")
         values: dict[str, float | int] = {}
-        for name in _TIMING_FIELDS:
-            raw = rec[name]
-            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-                raise ValueError(f"not a number: {raw!r}")
-            values[name] = int(raw) if name in _INT_FIELDS else float(raw)
-            if not math.isfinite(values[name]) or values[name] < 0:
-                raise ValueError(f"not a finite non-negative number: {raw!r}")
-        for name in _ROBUST_FIELDS:
-            raw = rec.get(name)
-            if raw is None or raw == "":
+        for name in (*_TIMING_FIELDS, *_ROBUST_FIELDS):
+            optional = name in _ROBUST_DEFAULTS
+            raw = rec.get(name) if optional else rec[name]
+            if optional and raw in (None, ""):
                 values[name] = _ROBUST_DEFAULTS[name]
                 continue
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
                 raise ValueError(f"not a number: {raw!r}")
             values[name] = int(raw) if name in _INT_FIELDS else float(raw)
-            if not math.isfinite(values[name]) or values[name] < _ROBUST_DEFAULTS[name]:
-                raise ValueError(f"not a finite number >= {_ROBUST_DEFAULTS[name]}: {raw!r}")
+            lowest = _ROBUST_DEFAULTS.get(name, 0)  # -1: "unknown" for other_load and steal
+            if not math.isfinite(values[name]) or values[name] < lowest:
+                what = "non-negative number" if lowest == 0 else f"number >= {lowest}"
+                raise ValueError(f"not a finite {what}: {raw!r}")
         name = "samples_ms"
         samples = rec.get("samples_ms") or []
         if isinstance(samples, str):

@@ -27,6 +27,7 @@ def test_line_bar_reports_count_rate_and_eta() -> None:
     assert "keys/s" in lines[1]
     assert lines[-1].startswith("lut build: 4/4 keys (100%)") and "ETA" not in lines[-1]
     assert lines[-1].endswith("; drift 0")
+    assert sum(line.startswith("lut build: 4/4") for line in lines) == 1  # not repeated
 
 
 def test_silent_progress_writes_nothing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,8 +22,9 @@ from typing import Any
 
 from torch import nn
 
+from device_server.errors import describe_exit
 from host.engine.config import AdaptConfig
-from host.engine.failures import ProposalWorkerDied, describe_exit, describe_proposal
+from host.engine.failures import ProposalWorkerDied, describe_proposal
 from host.engine.proposals import Proposal, ProposalContext, ProposalResult, evaluate_proposal
 
 __all__ = ["Executor", "SequentialExecutor", "LocalPoolExecutor", "make_executor"]

@@ -17,13 +17,12 @@ import errno
 import io
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["RunFailure", "ProposalWorkerDied", "ProposalTaskFailed", "DeviceLost",
-           "DiskFull", "describe_proposal", "describe_exit", "is_disk_full", "run_failures",
+           "DiskFull", "describe_proposal", "is_disk_full", "run_failures",
            "save_checkpoint", "append_line"]
 
 log = logging.getLogger(__name__)
@@ -72,16 +71,6 @@ def describe_proposal(proposal: Any, iteration: int) -> str:
             f"channels) in iteration {iteration}")
 
 
-def describe_exit(code: int | None) -> str:
-    """A process exit code as words: 'was killed by SIGKILL', 'exited with status 3'."""
-    if code is None:
-        return "died (exit status unknown)"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -247,16 +247,14 @@ class NetAdapt:
             (met, measured/budget as a fraction, the record for history.jsonl).
         """
         fraction = self.config.budget.fraction
-        if fraction is not None:
-            def interval(r: Rounds) -> Figure:
-                return r.ratio(1, 0)
-            limit = fraction
-            rounds = self._measure([self.network.model, model], self._settled(interval, limit))
-        else:
-            def interval(r: Rounds) -> Figure:
-                return r.figure(0)
-            limit = state.budget_ms
-            rounds = self._measure([model], self._settled(interval, limit))
+        # The candidate is the last network measured: over the original (relative), or alone.
+        models = [self.network.model, model] if fraction is not None else [model]
+        limit = fraction if fraction is not None else state.budget_ms
+
+        def interval(r: Rounds) -> Figure:
+            return r.ratio(1, 0) if fraction is not None else r.figure(0)
+
+        rounds = self._measure(models, self._settled(interval, limit))
         fig = interval(rounds)
         if fig.high <= limit:
             decision = "met"
@@ -264,7 +262,7 @@ class NetAdapt:
             decision = "missed"
         else:
             decision = ("met" if fig.value <= limit else "missed") + " at cap (interval straddles)"
-        measured_ms = rounds.figure(len(rounds.values) - 1).value
+        measured_ms = rounds.figure(len(models) - 1).value
         record = {"figure": "ratio to original" if fraction is not None else "latency ms",
                   "limit": limit, "decision": decision, "measured_ms": measured_ms,
                   "retaken_rounds": rounds.retaken, "other_load": rounds.other_load,
