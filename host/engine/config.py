@@ -40,6 +40,7 @@ class AdaptConfig:
     decay: float = 0.96               # ΔR_i = ΔR_0 · decay^i (paper's reference implementation)
     metric: str = "latency"           # what proposals are sized by: latency | macs | params
     selection: str = "accuracy"       # best holdout accuracy, or "ratio": accuracy lost per ms
+    max_cut: float = 1.0              # most of a group's channels one proposal removes (1: no cap)
     importance: str = "l2"            # filter norm: l2 | l1
     step: int = 8                     # channel grid
     short_term_steps: int = 50        # fine-tuning iterations per proposal
@@ -61,6 +62,8 @@ class AdaptConfig:
             raise ValueError(f"unknown selection {self.selection!r}; use accuracy or ratio")
         if self.importance not in ("l1", "l2"):
             raise ValueError(f"unknown importance {self.importance!r}; use l2 or l1")
+        if not 0 < self.max_cut <= 1:
+            raise ValueError(f"max_cut must be in (0, 1], got {self.max_cut}")
         if not 0 < self.initial_reduction < 1 or not 0 < self.decay <= 1:
             raise ValueError("initial reduction must be in (0, 1) and decay in (0, 1]")
         if self.workers < 1 or self.step < 1 or self.short_term_steps < 0:

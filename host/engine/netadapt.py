@@ -62,8 +62,8 @@ from host.training import TrainConfig, evaluate, train
 from lut.estimator import LatencyEstimator
 from lut.keys import candidate_counts
 
-__all__ = ["NetAdapt", "AdaptResult", "IterationRecord", "BudgetUnreachable", "RunExists",
-           "CheckpointError"]
+__all__ = ["NetAdapt", "AdaptResult", "select_proposal", "IterationRecord", "BudgetUnreachable",
+           "RunExists", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,28 @@ class _State:
     measured: dict[int, float]         # iteration -> measured latency of the network then
 
 
+def select_proposal(results: list[ProposalResult], current_acc: float,
+                    selection: str) -> ProposalResult:
+    """The proposal an iteration keeps.
+
+    "accuracy": the best holdout accuracy; ties go to the larger cut, then the lower group id.
+    "ratio": the least holdout accuracy lost per unit of the metric saved (per ms with the
+    latency metric). Proposals that lose nothing (or gain) all rank first, among them the best
+    accuracy, then the larger cut: a plain ratio would prefer, of two that gain the same, the
+    one that saves less.
+    """
+    if selection == "accuracy":
+        return max(results, key=lambda r: (r.holdout_accuracy, r.proposal.reduction,
+                                           -r.proposal.group_id))
+
+    def key(r: ProposalResult) -> tuple[float, float, float, int]:
+        lost = current_acc - r.holdout_accuracy
+        per_unit = max(lost, 0.0) / max(r.proposal.reduction, 1e-12)
+        return (per_unit, -r.holdout_accuracy, -r.proposal.reduction, r.proposal.group_id)
+
+    return min(results, key=key)
+
+
 class NetAdapt:
     """One adaptation run in `workdir` (see the module docstring)."""
 
@@ -210,7 +232,11 @@ class NetAdapt:
         progress: bool | Progress = True,
         on_iteration: Callable[[IterationRecord], None] | None = None,
         protocol: WholeModelProtocol = DEFAULT_PROTOCOL,
+        original_ms: float | None = None,
     ) -> None:
+        """`original_ms`: the original network's latency measured once for several runs
+        (e.g. a benchmark comparing methods), so a relative budget resolves to the same
+        milliseconds in each; None measures it at the start of the run."""
         self.network = network
         self.splits = splits
         self.estimator = estimator
@@ -224,6 +250,7 @@ class NetAdapt:
         self.on_iteration = on_iteration
         self.metric = make_metric(config.metric, estimator)
         self.protocol = protocol
+        self.original_ms = original_ms
         self.timings = {"lookup_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0,
                         "measure_s": 0.0}
 
@@ -396,9 +423,12 @@ class NetAdapt:
             history = self._read_history(state.iteration)
             log.info("resuming %s after iteration %d", self.workdir, state.iteration)
         else:
-            original = self._measure([base]).figure(0)
-            log.info("original network measured %s", original.describe())
-            original_ms = original.value
+            if self.original_ms is not None:
+                original_ms = self.original_ms
+            else:
+                original = self._measure([base]).figure(0)
+                log.info("original network measured %s", original.describe())
+                original_ms = original.value
             budget = cfg.budget.resolve(original_ms)
             state = _State(0, base, self.network.full_config(), original_ms, budget, budget,
                            evaluate(base, self.splits.holdout), {})
@@ -457,7 +487,7 @@ class NetAdapt:
             target = cfg.initial_reduction * original_metric * cfg.decay ** i
             t0 = time.perf_counter()
             proposals = choose_proposals(self.network.groups, state.config, self.network.specs,
-                                         self.metric, target, cfg.step)
+                                         self.metric, target, cfg.step, cfg.max_cut)
             lookup_s = time.perf_counter() - t0
             self.timings["lookup_s"] += lookup_s
             if not proposals:
@@ -502,6 +532,8 @@ class NetAdapt:
                 accuracy_after_bn=chosen.accuracy_after_bn,
                 proposals=[{"group_id": r.proposal.group_id, "n_keep": r.proposal.n_keep,
                             "metric_value": r.proposal.metric_value,
+                            "reduction": r.proposal.reduction, "partial": r.proposal.partial,
+                            "accuracy_after_bn": r.accuracy_after_bn,
                             "holdout_accuracy": r.holdout_accuracy} for r in results],
                 seconds=seconds,
             )
@@ -518,15 +550,7 @@ class NetAdapt:
         return state
 
     def _select(self, results: list[ProposalResult], current_acc: float) -> ProposalResult:
-        if self.config.selection == "accuracy":
-            # Ties go to the larger cut, then to the lower group id (deterministic).
-            return max(results, key=lambda r: (r.holdout_accuracy, r.proposal.reduction,
-                                               -r.proposal.group_id))
-
-        def ratio(r: ProposalResult) -> float:  # accuracy lost per unit of metric saved
-            return (current_acc - r.holdout_accuracy) / max(r.proposal.reduction, 1e-12)
-
-        return min(results, key=lambda r: (ratio(r), r.proposal.group_id))
+        return select_proposal(results, current_acc, self.config.selection)
 
     def _finish(self, state: _State, history: list[IterationRecord], t_start: float
                 ) -> AdaptResult:

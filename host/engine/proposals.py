@@ -39,6 +39,7 @@ class Proposal:
     metric_value: float           # the metric (e.g. estimated ms) after the proposal
     reduction: float              # metric before - after
     meets_target: bool
+    partial: bool = False         # capped by `max_cut` short of the target (a partial step)
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,34 @@ def choose_proposals(
     metric: Callable[[Sequence[LayerSpec]], float],
     target: float,
     step: int,
+    max_cut: float = 1.0,
 ) -> list[Proposal]:
     """For every group, the fewest filters whose removal cuts the metric by >= `target`.
 
     Latency is not monotonic in channel count, so counts are tried in order of filters removed
     and the first that meets the target wins. A group that cannot meet it offers its largest
     cut instead (flagged `meets_target=False`), used only when no group meets the target.
+
+    With `max_cut` < 1 no proposal removes more than that fraction of a group's current
+    channels (at least one grid step): a group whose metric barely moves with its width, and
+    would need a large cut to meet the target, offers a partial step instead (flagged
+    `partial=True`) beside the groups that meet the target; the selection rule weighs them
+    (e.g. accuracy lost per unit of the metric saved).
     """
+    if not 0 < max_cut <= 1:
+        raise ValueError(f"max_cut must be in (0, 1], got {max_cut}")
     current = metric(specs_for(config))
     out: list[Proposal] = []
     for g in groups:
         now = config[g.id]
+        counts = [c for c in candidate_counts(g.channels, step) if c < now]
+        floor = now - max(step, int(max_cut * now))  # fewest channels a capped step keeps
         best: Proposal | None = None
-        for n_keep in reversed([c for c in candidate_counts(g.channels, step) if c < now]):
+        capped: Proposal | None = None
+        for n_keep in reversed(counts):
+            if max_cut < 1 and n_keep < floor:  # the target lies beyond the cap
+                capped = best  # the largest reduction within it (None: the metric never moved)
+                break
             trial = dict(config)
             trial[g.id] = n_keep
             value = metric(specs_for(trial))
@@ -95,10 +111,12 @@ def choose_proposals(
                 break
             if reduction > 0 and (best is None or reduction > best.reduction):
                 best = Proposal(g.id, g.root, n_keep, trial, value, reduction, False)
-        if best is not None:
+        if capped is not None:
+            out.append(dataclasses.replace(capped, partial=True))
+        elif best is not None:
             out.append(best)
     if any(p.meets_target for p in out):
-        return [p for p in out if p.meets_target]
+        return [p for p in out if p.meets_target or p.partial]
     return out
 
 
