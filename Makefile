@@ -39,9 +39,11 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install --quiet -e ".[host,ray,dev]"
 	touch $(STAMP)
 
+# google/rpc/status.proto comes from googleapis-common-protos (installed with grpcio-status).
 protos: $(STAMP)
-	$(PYTHON) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/device.proto
+	$(PYTHON) -m grpc_tools.protoc -I . \
+		-I "$$($(PYTHON) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))')" \
+		--python_out=. --grpc_python_out=. --pyi_out=. protos/device.proto
 
 # The main job, sized to finish in a few minutes on 2 cores: MobileNetV1 (width 0.5) on the
 # built-in 5,000 MNIST digits, half the measured latency, on a daemon started on loopback.

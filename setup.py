@@ -13,13 +13,20 @@ from setuptools.command.build_py import build_py
 ROOT = pathlib.Path(__file__).parent.resolve()
 
 
+def _googleapis_include() -> str:
+    """Where google/rpc/status.proto is: googleapis-common-protos (build-system requires)."""
+    import google.rpc
+
+    return str(pathlib.Path(list(google.rpc.__path__)[0]).parent.parent)
+
+
 def generate_protos() -> None:
     from grpc_tools import protoc  # build-time dependency (pyproject build-system)
 
     for proto in sorted((ROOT / "protos").glob("*.proto")):
         rel = str(proto)
-        args = ["protoc", f"-I{ROOT}", f"--python_out={ROOT}", f"--grpc_python_out={ROOT}",
-                f"--pyi_out={ROOT}", rel]
+        args = ["protoc", f"-I{ROOT}", f"-I{_googleapis_include()}", f"--python_out={ROOT}",
+                f"--grpc_python_out={ROOT}", f"--pyi_out={ROOT}", rel]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {rel}")
 

@@ -70,8 +70,8 @@ from tests.helpers_hostile import HOSTILE_MODELS, NAMED  # noqa: E402
 
 TOKEN = "0123456789abcdef"  # 16 bytes: what the hostile models would read as four float32
 FAST = MeasurePolicy(warmup_runs=2, min_warmup_ms=2.0, repeat=5, min_repeat_ms=1.0)
-CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), 64, kernel=3, padding=1)
-SMALL = LayerSpec.create("conv2d", (1, 8, 8, 8), 8, kernel=3, padding=1)
+CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), out_channels=64, kernel=3, padding=1)
+SMALL = LayerSpec.create("conv2d", (1, 8, 8, 8), out_channels=8, kernel=3, padding=1)
 LONG = MeasurePolicy(warmup_runs=1, min_warmup_ms=0, repeat=400, min_repeat_ms=50)  # ~20 s
 
 
@@ -206,9 +206,10 @@ def _bad_uploads() -> list[tuple[str, list[pb.ModelChunk], str]]:
 def _outcome(call: Callable[[], Any], want: str) -> dict[str, Any]:
     try:
         reply = call()
-        if isinstance(reply, list):  # a stream: the in-band error of its first item
-            got = reply[0].error.code or "OK"
-            message = reply[0].error.message
+        if isinstance(reply, list):  # a stream: the in-band status of its first item
+            failed = reply[0].HasField("status")
+            got = wire.status_code_name(reply[0].status) if failed else "OK"
+            message = reply[0].status.message
         else:
             got, message = "OK", ""
     except grpc.RpcError as exc:

@@ -35,7 +35,7 @@ class CoreKind:
     ident: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CpuCluster:
     """Cores of one kind and one maximum clock (0: not readable, e.g. in a VM)."""
 
@@ -136,7 +136,7 @@ def clusters_of(cores: Mapping[int, CoreKind], max_freqs_khz: Mapping[int, int]
     groups: dict[tuple[CoreKind, int], list[int]] = {}
     for cpu in sorted(cores):
         groups.setdefault((cores[cpu], max_freqs_khz.get(cpu, 0)), []).append(cpu)
-    clusters = [CpuCluster(kind.name, kind.ident, tuple(cpus), freq)
+    clusters = [CpuCluster(core=kind.name, ident=kind.ident, cpus=tuple(cpus), max_freq_khz=freq)
                 for (kind, freq), cpus in groups.items()]
     return tuple(sorted(clusters, key=lambda c: c.cpus[0]))
 

@@ -1,4 +1,5 @@
-"""What device this is (the fingerprint a lookup table is tied to) and its readable state.
+"""What device this is: the fingerprint a lookup table is tied to (its changing state, load,
+clocks and temperatures, is device_state.py's).
 
 Read from /proc and /sys where they exist (Linux, Android/Termux, boards); every probe degrades
 to an empty value elsewhere instead of failing. The identity names the kind of device, not the
@@ -16,18 +17,12 @@ serial numbers) goes into it. What it reads:
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import platform
-import shutil
-import subprocess
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnxruntime as ort
 
@@ -42,7 +37,7 @@ from device_server.cpu_topology import (
     read_max_freqs_khz,
 )
 
-__all__ = ["DeviceIdentity", "StateReader", "probe_identity", "read_state"]
+__all__ = ["DeviceIdentity", "probe_identity"]
 
 
 @dataclass(frozen=True)
@@ -76,19 +71,6 @@ class DeviceIdentity:
         runs = sorted((min(cpus), format_cpu_list(cpus), ident)
                       for ident, cpus in by_ident.items())
         return ";".join(f"{cpus}={ident}" for _, cpus, ident in runs)
-
-    def info_fields(self) -> dict[str, Any]:
-        """The DeviceInfo fields beyond the CPU model (16-21 in device.proto), as keyword
-        arguments for the message; plain values, so this module needs no generated code."""
-        return {
-            "clusters": [{"core": c.core, "ident": c.ident, "cpus": list(c.cpus),
-                          "max_freq_khz": c.max_freq_khz} for c in self.clusters],
-            "pinned_cpus": list(self.pinned_cpus),
-            "board_model": self.board_model,
-            "soc": self.soc,
-            "product_model": self.product_model,
-            "build_fingerprint": self.build_fingerprint,
-        }
 
     @property
     def fingerprint(self) -> str:
@@ -199,86 +181,3 @@ def probe_identity(root: str | os.PathLike[str] = "/", getprop: str | None = "ge
         build_fingerprint=props.get("ro.build.fingerprint", ""),
         pinned_cpus=tuple(sorted(affinity)) if affinity is not None else _affinity(),
     )
-
-
-class StateReader:
-    """Reads the device's state cheaply enough to do after every measurement: the files to
-    read are found once, then each read is a handful of small /proc and /sys reads.
-
-    Keys: `loadavg` ("1m 5m 15m"), `freq_mhz.cpuN`, `temp_c.<zone type>`, and on phones and
-    laptops `battery.<supply>.{pct,status,temp_c}` (status: Charging, Discharging, Full...).
-    Recent Android hides /sys/class/power_supply from apps; there the battery comes from Termux:API
-    (`termux-battery-status`, ~1 s a call, so read at most every `battery_every_s`).
-    """
-
-    battery_every_s = 60.0
-
-    def __init__(self, power_supplies: str = "/sys/class/power_supply/*",
-                 termux_battery: str | None = "termux-battery-status") -> None:
-        """`power_supplies`: where sysfs lists them; `termux_battery`: the Termux:API program
-        (looked up on PATH), used only when no sysfs battery is readable; None: never."""
-        self._freqs = [(p.split("/")[5], p) for p in sorted(
-            glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq"))]
-        self._temps = [(_read(f"{z}/type") or os.path.basename(z), f"{z}/temp")
-                       for z in sorted(glob.glob("/sys/class/thermal/thermal_zone*"))]
-        self._batteries = [(os.path.basename(d), d)
-                           for d in sorted(glob.glob(power_supplies))
-                           if _read(f"{d}/type") == "Battery"]
-        self._termux_battery = (shutil.which(termux_battery)
-                                if termux_battery and not self._batteries else None)
-        self._battery_cache: tuple[float, dict[str, str]] = (-float("inf"), {})
-
-    def read(self) -> dict[str, str]:
-        state: dict[str, str] = {}
-        try:
-            state["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-        except OSError:
-            pass
-        for cpu, path in self._freqs:
-            khz = _read(path)
-            if khz.isdigit():
-                state[f"freq_mhz.{cpu}"] = str(int(khz) // 1000)
-        for kind, path in self._temps:
-            temp = _read(path)
-            if temp.lstrip("-").isdigit():
-                state[f"temp_c.{kind}"] = f"{int(temp) / 1000:.1f}"
-        for name, path in self._batteries:
-            if (pct := _read(f"{path}/capacity")).isdigit():
-                state[f"battery.{name}.pct"] = pct
-            if status := _read(f"{path}/status"):
-                state[f"battery.{name}.status"] = status
-            if (temp := _read(f"{path}/temp")).lstrip("-").isdigit():  # tenths of a degree
-                state[f"battery.{name}.temp_c"] = f"{int(temp) / 10:.1f}"
-        if self._termux_battery:
-            state.update(self._termux_battery_state(self._termux_battery))
-        return state
-
-    def _termux_battery_state(self, program: str) -> dict[str, str]:
-        read_at, cached = self._battery_cache
-        if time.monotonic() - read_at < self.battery_every_s:
-            return cached
-        state: dict[str, str] = {}
-        try:
-            out = subprocess.run([program], capture_output=True, text=True, timeout=10)
-            info = json.loads(out.stdout)
-            if "percentage" in info:
-                state["battery.battery.pct"] = str(int(info["percentage"]))
-            if "status" in info:  # CHARGING, DISCHARGING, FULL, NOT_CHARGING
-                state["battery.battery.status"] = str(info["status"]).title().replace("_", " ")
-            if "temperature" in info:
-                state["battery.battery.temp_c"] = f"{float(info['temperature']):.1f}"
-        except (OSError, subprocess.SubprocessError, ValueError, TypeError, AttributeError):
-            pass  # Termux:API app missing or refused: no battery reading, not an error
-        self._battery_cache = (time.monotonic(), state)
-        return state
-
-
-_reader: StateReader | None = None
-
-
-def read_state() -> dict[str, str]:
-    """Load, per-core frequency, temperatures and battery, as far as the OS lets us read them."""
-    global _reader
-    if _reader is None:
-        _reader = StateReader()
-    return _reader.read()

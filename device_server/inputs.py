@@ -45,7 +45,7 @@ _DTYPES = {np.dtype(t).name: t for t in NUMPY_TYPES.values()}
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InputFeed:
     """How one input is fed: `values` exactly (their shape wins), or random values drawn
     uniformly in [low, high] (integers: both inclusive)."""
@@ -62,7 +62,7 @@ class InputFeed:
 
     @classmethod
     def range(cls, low: float, high: float, integer: bool = False) -> InputFeed:
-        return cls(None, float(low), float(high), integer)
+        return cls(values=None, low=float(low), high=float(high), integer=integer)
 
     def describe(self) -> str:
         if self.values is not None:

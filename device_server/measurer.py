@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 import onnxruntime as ort
 
 from device_server.builder import build_identity_model, build_layer_model
-from device_server.device_info import read_state
+from device_server.device_state import DeviceState, read_state
 from device_server.errors import DeadlineError, ResourceLimitError, UnavailableProviderError
 from device_server.inputs import InputFeed, feeds_key
 from device_server.model_check import check_provider_options, check_self_contained
@@ -51,7 +51,7 @@ class Limits:
     cancel_grace_s: float = 1.0       # an abandoned measurement's time to stop before a kill
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Timed:
     """A timing with its conditions and the interval it held the device (daemon clock)."""
 
@@ -60,7 +60,7 @@ class Timed:
     started_unix_ns: int
     finished_unix_ns: int
     config_hash: str
-    state: dict[str, str] = field(default_factory=dict)  # device state as it ended
+    state: DeviceState = DeviceState()                    # device state as it ended
     queued_s: float = 0.0                                 # waiting for the device before
 
 
@@ -233,4 +233,6 @@ class Measurer:
             graph_optimization=resolved.graph_optimization.value,
             provider_options=resolved.provider_options,
         )
-        return Timed(timing, conditions, started, finished, config_hash, read_state(), queued_s)
+        return Timed(timing=timing, conditions=conditions, started_unix_ns=started,
+                     finished_unix_ns=finished, config_hash=config_hash, state=read_state(),
+                     queued_s=queued_s)

@@ -1,7 +1,9 @@
 """The gRPC servicer: unpacks requests, calls the plain `Measurer`, packs replies.
 
-Domain errors become statuses in one place (`_served`); a failing item of a MeasureStream is
-answered in-band (its `error` set) and the stream goes on. Every request's outcome is one log
+Domain errors become statuses in one place (`_served`), each a `google.rpc.Status` (its code and
+message are the call's; grpcio-status adds it as the call's details); a failing item of a
+MeasureStream is answered in-band with the same Status (its `status` set) and the stream goes
+on. Every request's outcome is one log
 line: the method, the request id (cleaned of anything that could forge a line), the status,
 the time it took (and for a measurement, the time it waited for the device and held it), and
 the peer. Metadata, and so the token, is never logged.
@@ -14,12 +16,14 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from grpc_status import rpc_status
 
 from device_server import wire
-from device_server.device_info import DeviceIdentity, read_state
+from device_server.device_info import DeviceIdentity
+from device_server.device_state import read_state
 from device_server.errors import MeasurementError
 from device_server.measurer import Measurer, Timed
 from device_server.model_store import parse_sha256
@@ -65,6 +69,12 @@ def _log_outcome(method: str, request_id: str, status: str, t0: float,
             status, spent, held, context.peer(), f": {detail}" if detail else "")
 
 
+def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
+    """Ends the call with `code` (a status code name) and `message`, as a google.rpc.Status."""
+    context.abort_with_status(rpc_status.to_status(wire.error_status(code, message)))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
 def _request_id(request: Any) -> str:
     return str(getattr(request, "request_id", "") or getattr(request, "sha256", "") or "-")
 
@@ -80,20 +90,20 @@ def _served(method: F) -> F:
         rid = _request_id(request)
         if self.closing:
             _log_outcome(name, rid, "UNAVAILABLE", t0, context, detail="shutting down")
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+            _abort(context, "UNAVAILABLE", "the daemon is shutting down")
         try:
             reply = method(self, request, context)
         except MeasurementError as exc:
             _log_outcome(name, rid, exc.code, t0, context, detail=str(exc))
-            context.abort(grpc.StatusCode[exc.code], str(exc))
+            _abort(context, exc.code, str(exc))
         except Cancelled as exc:
             _log_outcome(name, rid, "CANCELLED", t0, context,
                          detail=str(exc) or "the call ended while queued")
-            context.abort(grpc.StatusCode.CANCELLED, str(exc) or "the call was cancelled")
+            _abort(context, "CANCELLED", str(exc) or "the call was cancelled")
         except Exception as exc:
             log.exception("unexpected failure in %s request %s", name, safe_id(rid))
             _log_outcome(name, rid, "INTERNAL", t0, context, detail=type(exc).__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            _abort(context, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}")
         timed = None
         if isinstance(reply, tuple):  # (reply, Timed) from a measurement
             reply, timed = reply
@@ -101,18 +111,6 @@ def _served(method: F) -> F:
         return reply
 
     return wrapper  # type: ignore[return-value]
-
-
-def _response(request_id: str, timed: Timed) -> pb.MeasureResponse:
-    return pb.MeasureResponse(
-        request_id=request_id,
-        config_hash=timed.config_hash,
-        timing=wire.timing_to_proto(timed.timing),
-        conditions=wire.conditions_to_proto(timed.conditions),
-        started_unix_ns=timed.started_unix_ns,
-        finished_unix_ns=timed.finished_unix_ns,
-        device_state=timed.state,
-    )
 
 
 class DeviceService(pb_grpc.DeviceServiceServicer):
@@ -125,24 +123,12 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     def GetDeviceInfo(
         self, request: pb.GetDeviceInfoRequest, context: grpc.ServicerContext
     ) -> pb.DeviceInfo:
-        ident = self.identity
-        return pb.DeviceInfo(
-            fingerprint=ident.fingerprint,
-            cpu_model=ident.cpu_model,
-            cpu_count=ident.cpu_count,
-            machine=ident.machine,
-            os=ident.os,
-            os_release=ident.os_release,
-            android_version=ident.android_version,
-            ort_version=ident.ort_version,
-            providers=list(ident.providers),
-            daemon_version=ident.daemon_version,
-            python_version=ident.python_version,
+        return wire.device_info_to_proto(
+            self.identity,
             queue_depth=self.measurer.queue.depth,
             max_queue_depth=self.measurer.queue.max_depth,
             default_threads=self.measurer.default_threads,
             state=read_state(),
-            **ident.info_fields(),
         )
 
     def _measure_one(
@@ -155,7 +141,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             deadline=_deadline(context),
             is_active=context.is_active,
         )
-        return _response(request.request_id, timed), timed
+        return wire.measure_response(request.request_id, timed), timed
 
     @_served
     def Measure(
@@ -173,7 +159,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             for request in request_iterator:
                 if self.closing:
                     status = "UNAVAILABLE"
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+                    _abort(context, "UNAVAILABLE", "the daemon is shutting down")
                 if not context.is_active():
                     status = "CANCELLED"
                     return
@@ -185,8 +171,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                     _log_outcome("MeasureStream", rid, exc.code, item_t0, context,
                                  detail=str(exc))
                     failed += 1
-                    yield pb.MeasureResponse(
-                        request_id=rid, error=pb.Error(code=exc.code, message=str(exc)))
+                    yield wire.failed_response(rid, exc.code, str(exc))
                     continue
                 except Cancelled as exc:
                     _log_outcome("MeasureStream", rid, "CANCELLED", item_t0, context,
@@ -198,10 +183,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                     _log_outcome("MeasureStream", rid, "INTERNAL", item_t0, context,
                                  detail=type(exc).__name__)
                     failed += 1
-                    yield pb.MeasureResponse(
-                        request_id=rid,
-                        error=pb.Error(code="INTERNAL", message=f"{type(exc).__name__}: {exc}"),
-                    )
+                    yield wire.failed_response(rid, "INTERNAL", f"{type(exc).__name__}: {exc}")
                     continue
                 _log_outcome("MeasureStream", rid, "OK", item_t0, context, timed)
                 answered += 1
@@ -222,7 +204,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             deadline=_deadline(context),
             is_active=context.is_active,
         )
-        return _response("overhead", timed), timed  # type: ignore[return-value]
+        return wire.measure_response("overhead", timed), timed  # type: ignore[return-value]
 
     @_served
     def UploadModel(
@@ -242,14 +224,13 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self, request: pb.MeasureModelRequest, context: grpc.ServicerContext
     ) -> pb.MeasureResponse:
         sha = parse_sha256(request.sha256)
-        shapes = {name: tuple(s.dims) for name, s in request.input_shapes.items()}
         timed = self.measurer.measure_model(
             sha,
             wire.session_from_proto(request.session),
             wire.policy_from_proto(request.policy),
-            input_shapes=shapes,
+            input_shapes=wire.input_shapes_from_proto(request.input_shapes),
             input_feeds=wire.feeds_from_proto(request.inputs),
             deadline=_deadline(context),
             is_active=context.is_active,
         )
-        return _response(request.request_id, timed), timed  # type: ignore[return-value]
+        return wire.measure_response(request.request_id, timed), timed  # type: ignore[return-value]

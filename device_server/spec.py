@@ -81,7 +81,7 @@ _ATTR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NODE_FIELDS = ("node_op", "operands", "attributes", "out_shapes")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NodeOperand:
     """One input of a NODE unit, in the ONNX node's input order.
 
@@ -98,11 +98,11 @@ class NodeOperand:
 
     @classmethod
     def input(cls, shape: Sequence[int]) -> NodeOperand:
-        return cls("input", tuple(int(d) for d in shape))
+        return cls(kind="input", shape=tuple(int(d) for d in shape))
 
     @classmethod
     def weight(cls, shape: Sequence[int]) -> NodeOperand:
-        return cls("weight", tuple(int(d) for d in shape))
+        return cls(kind="weight", shape=tuple(int(d) for d in shape))
 
     @classmethod
     def const(cls, values: Sequence[float], shape: Sequence[int] | None = None,
@@ -111,7 +111,7 @@ class NodeOperand:
         cast: Any = int if dtype == "int64" else float
         vals = tuple(cast(v) for v in values)
         dims = (len(vals),) if shape is None else tuple(int(d) for d in shape)
-        return cls("const", dims, vals, dtype)
+        return cls(kind="const", shape=dims, values=vals, dtype=dtype)
 
     @classmethod
     def coerce(cls, value: NodeOperand | Mapping[str, Any]) -> NodeOperand:
@@ -120,8 +120,8 @@ class NodeOperand:
             return value
         dtype = str(value.get("dtype", "float"))
         cast: Any = int if dtype == "int64" else float
-        return cls(str(value["kind"]), tuple(int(d) for d in value["shape"]),
-                   tuple(cast(v) for v in value.get("values", ())), dtype)
+        return cls(kind=str(value["kind"]), shape=tuple(int(d) for d in value["shape"]),
+                   values=tuple(cast(v) for v in value.get("values", ())), dtype=dtype)
 
     def validate(self, index: int) -> None:
         """Raises InvalidConfigError naming operand `index` and what is wrong."""
@@ -177,7 +177,7 @@ def _attributes(value: Mapping[str, Any] | Iterable[Sequence[Any]]) -> tuple[
     return tuple(sorted(out.items()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerSpec:
     """One fusion unit as the runtime would execute it.
 
@@ -231,6 +231,7 @@ class LayerSpec:
         cls,
         op: OpKind | str,
         input_shape: tuple[int, ...] | list[int],
+        *,
         out_channels: int = 0,
         kernel: int | tuple[int, ...] = (),
         stride: int | tuple[int, ...] = (),
@@ -247,6 +248,8 @@ class LayerSpec:
         out_shapes: Sequence[Sequence[int]] = (),
     ) -> LayerSpec:
         """Normalises loose arguments (ints for square sizes, strings for enums) and validates.
+        Everything after the op and its input shape is named, so a field added later cannot
+        shift another.
 
         Raises:
             InvalidConfigError: the unit cannot be built; the message says what to change.
@@ -412,7 +415,7 @@ class LayerSpec:
             raise InvalidConfigError(
                 f"{self.node_op}: out_shapes must list every output's positive dimensions, "
                 f"got {[list(o) for o in self.out_shapes]}")
-        default = LayerSpec(OpKind.NODE, self.input_shape)
+        default = LayerSpec(op=OpKind.NODE, input_shape=self.input_shape)
         fixed = ("out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias",
                  "batch_norm", "activation", "residual")
         extra = [f for f in fixed if getattr(self, f) != getattr(default, f)]
@@ -500,7 +503,7 @@ class LayerSpec:
         return f"{self.op.value} {s[1]} @{s[2]}x{s[3]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SessionSpec:
     """How the runtime session is set up: part of the conditions a timing belongs to."""
 
@@ -527,7 +530,7 @@ class SessionSpec:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MeasurePolicy:
     """Warm-up and repeat policy, as TVM's number/repeat/min_repeat_ms.
 

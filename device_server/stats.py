@@ -24,7 +24,7 @@ ROBUST_QUANTILE = 0.1   # the quantile of the samples reported as `value_ms`
 CONFIDENCE = 0.95       # of every interval reported
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TimingStats:
     """Per-call latency distribution (milliseconds) of one measured configuration."""
 
@@ -66,7 +66,7 @@ class TimingStats:
         return (self.p90_ms - self.min_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Conditions:
     """What a timing is valid for: a lookup table is tied to exactly these."""
 

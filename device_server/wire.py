@@ -1,12 +1,22 @@
-"""Conversions between the plain dataclasses (spec.py, stats.py) and the netadapt.v1 protobuf
-messages. Both sides of the wire use these; nothing else touches message fields."""
+"""Every conversion between the daemon's plain dataclasses (spec.py, stats.py, device_state.py,
+cpu_topology.py, the measurer's `Timed`) and the netadapt.v1 protobuf messages, both ways, and
+errors as `google.rpc.Status`. The servicer packs and unpacks with these; the host's own
+conversions (host/device/wire.py) build on them. Nothing else touches message fields.
+
+Dataclasses are built by keyword from messages, never by position, so a field added to either
+side cannot shift another.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+from google.rpc import code_pb2, status_pb2
 
+from device_server.cpu_topology import CpuCluster
+from device_server.device_state import Battery, CoreClock, DeviceState, LoadAverage, ThermalZone
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed, dtype_named
 from device_server.spec import (
@@ -23,9 +33,15 @@ from device_server.spec import (
 from device_server.stats import Conditions, TimingStats
 from protos import device_pb2 as pb
 
+if TYPE_CHECKING:  # both import onnx/onnxruntime, which the host's client must not need
+    from device_server.device_info import DeviceIdentity
+    from device_server.measurer import Timed
+
 __all__ = [
     "feeds_to_proto",
     "feeds_from_proto",
+    "input_shapes_to_proto",
+    "input_shapes_from_proto",
     "layer_to_proto",
     "layer_from_proto",
     "session_to_proto",
@@ -36,6 +52,15 @@ __all__ = [
     "timing_from_proto",
     "conditions_to_proto",
     "conditions_from_proto",
+    "device_state_to_proto",
+    "device_state_from_proto",
+    "cluster_to_proto",
+    "cluster_from_proto",
+    "device_info_to_proto",
+    "measure_response",
+    "failed_response",
+    "error_status",
+    "status_code_name",
 ]
 
 _OPS = {
@@ -103,8 +128,8 @@ def _operand_from_proto(msg: pb.NodeOperand) -> NodeOperand:
         raise InvalidConfigError(f"unknown node operand kind ({msg.kind})")
     dtype = "int64" if msg.int64 else "float"
     cast = int if msg.int64 else float
-    return NodeOperand(_OPERAND_KINDS_BACK[msg.kind], tuple(msg.shape),
-                       tuple(cast(v) for v in msg.values), dtype)
+    return NodeOperand(kind=_OPERAND_KINDS_BACK[msg.kind], shape=tuple(msg.shape),
+                       values=tuple(cast(v) for v in msg.values), dtype=dtype)
 
 
 def _attribute_to_proto(name: str, value: AttrValue) -> pb.NodeAttribute:
@@ -158,12 +183,21 @@ def feeds_from_proto(inputs: Mapping[str, pb.InputValues]) -> dict[str, InputFee
                     f"input {name!r}: {len(t.data)} bytes do not hold {count} {t.dtype} values "
                     f"of shape {list(t.dims)}")
             values = np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.dims))
-            out[name] = InputFeed(values.astype(dtype.newbyteorder("=")))
+            out[name] = InputFeed(values=values.astype(dtype.newbyteorder("=")))
         elif which == "range":
             out[name] = InputFeed.range(msg.range.low, msg.range.high, msg.range.integer)
         else:
             raise InvalidConfigError(f"input {name!r}: give values or a range")
     return out
+
+
+def input_shapes_to_proto(shapes: Mapping[str, Sequence[int]]) -> dict[str, pb.InputShape]:
+    """Shapes of inputs with symbolic dims, as MeasureModelRequest.input_shapes."""
+    return {name: pb.InputShape(dims=[int(d) for d in dims]) for name, dims in shapes.items()}
+
+
+def input_shapes_from_proto(shapes: Mapping[str, pb.InputShape]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(s.dims) for name, s in shapes.items()}
 
 
 def layer_from_proto(msg: pb.LayerConfig) -> LayerSpec:
@@ -307,3 +341,109 @@ def conditions_from_proto(msg: pb.Conditions) -> Conditions:
         graph_optimization=level.value,
         provider_options=tuple(sorted(msg.provider_options.items())),
     )
+
+
+# -- device state, identity --------------------------------------------------------------------
+def device_state_to_proto(state: DeviceState) -> pb.DeviceState:
+    msg = pb.DeviceState(
+        clocks=[pb.CoreClock(cpu=c.cpu, mhz=c.mhz) for c in state.clocks],
+        thermal_zones=[pb.ThermalZone(type=z.type, temp_c=z.temp_c)
+                       for z in state.thermal_zones],
+        batteries=[pb.Battery(name=b.name, percent=b.percent, status=b.status, temp_c=b.temp_c)
+                   for b in state.batteries],
+    )
+    if state.load is not None:
+        msg.load.CopyFrom(pb.LoadAverage(one_min=state.load.one_min,
+                                         five_min=state.load.five_min,
+                                         fifteen_min=state.load.fifteen_min))
+    return msg
+
+
+def device_state_from_proto(msg: pb.DeviceState) -> DeviceState:
+    return DeviceState(
+        load=LoadAverage(one_min=msg.load.one_min, five_min=msg.load.five_min,
+                         fifteen_min=msg.load.fifteen_min) if msg.HasField("load") else None,
+        clocks=tuple(CoreClock(cpu=c.cpu, mhz=c.mhz) for c in msg.clocks),
+        thermal_zones=tuple(ThermalZone(type=z.type, temp_c=z.temp_c)
+                            for z in msg.thermal_zones),
+        batteries=tuple(
+            Battery(name=b.name,
+                    percent=b.percent if b.HasField("percent") else None,
+                    status=b.status,
+                    temp_c=b.temp_c if b.HasField("temp_c") else None)
+            for b in msg.batteries),
+    )
+
+
+def cluster_to_proto(c: CpuCluster) -> pb.CpuCluster:
+    return pb.CpuCluster(core=c.core, ident=c.ident, cpus=list(c.cpus),
+                         max_freq_khz=c.max_freq_khz)
+
+
+def cluster_from_proto(msg: pb.CpuCluster) -> CpuCluster:
+    return CpuCluster(core=msg.core, ident=msg.ident, cpus=tuple(msg.cpus),
+                      max_freq_khz=msg.max_freq_khz)
+
+
+def device_info_to_proto(identity: DeviceIdentity, *, queue_depth: int, max_queue_depth: int,
+                         default_threads: int, state: DeviceState) -> pb.DeviceInfo:
+    """GetDeviceInfo's reply: who the device is, its queue now and its state as read."""
+    return pb.DeviceInfo(
+        fingerprint=identity.fingerprint,
+        cpu_model=identity.cpu_model,
+        cpu_count=identity.cpu_count,
+        machine=identity.machine,
+        os=identity.os,
+        os_release=identity.os_release,
+        android_version=identity.android_version,
+        ort_version=identity.ort_version,
+        providers=list(identity.providers),
+        daemon_version=identity.daemon_version,
+        python_version=identity.python_version,
+        queue_depth=queue_depth,
+        max_queue_depth=max_queue_depth,
+        default_threads=default_threads,
+        clusters=[cluster_to_proto(c) for c in identity.clusters],
+        pinned_cpus=list(identity.pinned_cpus),
+        board_model=identity.board_model,
+        soc=identity.soc,
+        product_model=identity.product_model,
+        build_fingerprint=identity.build_fingerprint,
+        device_state=device_state_to_proto(state),
+    )
+
+
+# -- replies and errors ------------------------------------------------------------------------
+def measure_response(request_id: str, timed: Timed) -> pb.MeasureResponse:
+    """A measurement's reply (Measure, MeasureStream, MeasureOverhead, MeasureModel)."""
+    return pb.MeasureResponse(
+        request_id=request_id,
+        config_hash=timed.config_hash,
+        timing=timing_to_proto(timed.timing),
+        conditions=conditions_to_proto(timed.conditions),
+        started_unix_ns=timed.started_unix_ns,
+        finished_unix_ns=timed.finished_unix_ns,
+        device_state=device_state_to_proto(timed.state),
+    )
+
+
+def failed_response(request_id: str, code: str, message: str) -> pb.MeasureResponse:
+    """A MeasureStream item that could not be measured: its status in-band."""
+    return pb.MeasureResponse(request_id=request_id, status=error_status(code, message))
+
+
+def error_status(code: str, message: str) -> status_pb2.Status:
+    """`code`: a gRPC status code name, e.g. "INVALID_ARGUMENT" (unknown names: UNKNOWN)."""
+    try:
+        number = code_pb2.Code.Value(code)
+    except ValueError:
+        number = code_pb2.UNKNOWN
+    return status_pb2.Status(code=number, message=message)
+
+
+def status_code_name(status: status_pb2.Status) -> str:
+    """The gRPC status code name of `status`, e.g. "INVALID_ARGUMENT"."""
+    try:
+        return code_pb2.Code.Name(status.code)
+    except ValueError:
+        return "UNKNOWN"

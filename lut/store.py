@@ -26,6 +26,7 @@ raise an error from `lut.errors` instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -79,57 +80,38 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 # -- identity -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LutIdentity:
-    """What a LUT is valid for: the measurement `Conditions` plus the batch size.
+    """What a LUT is valid for: the measurement `Conditions` plus the batch size (composed, so a
+    condition added to `Conditions` is part of every table's identity without a copy here).
 
     `provider_options` is normalised to sorted (name, value) string pairs, so the order in which
-    options were given does not change the identity.
+    options were given does not change the identity. The flat dict form (`to_dict`, what table
+    files and exports hold) names the conditions' fields and `batch_size` side by side.
     """
 
-    device_fingerprint: str
-    ort_version: str
-    provider: str
-    intra_op_threads: int
-    graph_optimization: str
-    provider_options: tuple[tuple[str, str], ...] = ()
+    conditions: Conditions
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        options = tuple(sorted((str(k), str(v)) for k, v in self.provider_options))
-        object.__setattr__(self, "provider_options", options)
-        object.__setattr__(self, "intra_op_threads", int(self.intra_op_threads))
+        c = self.conditions
+        options = tuple(sorted((str(k), str(v)) for k, v in c.provider_options))
+        object.__setattr__(self, "conditions", dataclasses.replace(
+            c, provider_options=options, intra_op_threads=int(c.intra_op_threads)))
         object.__setattr__(self, "batch_size", int(self.batch_size))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    @classmethod
-    def from_conditions(cls, conditions: Conditions, batch_size: int = 1) -> LutIdentity:
-        return cls(
-            device_fingerprint=conditions.device_fingerprint,
-            ort_version=conditions.ort_version,
-            provider=conditions.provider,
-            intra_op_threads=conditions.intra_op_threads,
-            graph_optimization=conditions.graph_optimization,
-            provider_options=conditions.provider_options,
-            batch_size=batch_size,
-        )
-
-    @property
-    def conditions(self) -> Conditions:
-        return Conditions(
-            device_fingerprint=self.device_fingerprint,
-            ort_version=self.ort_version,
-            provider=self.provider,
-            intra_op_threads=self.intra_op_threads,
-            graph_optimization=self.graph_optimization,
-            provider_options=self.provider_options,
-        )
+    def _flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f.name: getattr(self.conditions, f.name)
+                               for f in fields(Conditions)}
+        out["batch_size"] = self.batch_size
+        return out
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form; provider options become an object."""
-        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["provider_options"] = dict(self.provider_options)
+        """JSON-ready form, flat; provider options become an object."""
+        out: dict[str, object] = self._flat()
+        out["provider_options"] = dict(self.conditions.provider_options)
         return out
 
     @classmethod
@@ -139,7 +121,7 @@ class LutIdentity:
         Raises:
             ValueError: a field is missing, unknown or of the wrong type.
         """
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(Conditions)} | {"batch_size"}
         missing = sorted(names - set(d) - {"provider_options", "batch_size"})
         unknown = sorted(set(d) - names)
         if missing or unknown:
@@ -155,32 +137,35 @@ class LutIdentity:
             value = d.get(name, 1)
             if not isinstance(value, int | str) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        return cls(
+        conditions = Conditions(
             device_fingerprint=str(d["device_fingerprint"]),
             ort_version=str(d["ort_version"]),
             provider=str(d["provider"]),
             intra_op_threads=int(d["intra_op_threads"]),
             graph_optimization=str(d["graph_optimization"]),
             provider_options=pairs,
-            batch_size=int(d.get("batch_size", 1)),
         )
+        return cls(conditions=conditions, batch_size=int(d.get("batch_size", 1)))
 
     def differences(self, requested: LutIdentity) -> list[FieldDifference]:
-        """Fields where `requested` differs from this (the table's) identity, in field order."""
+        """Fields where `requested` differs from this (the table's) identity, in field order
+        (the conditions' fields, then the batch size)."""
         out = []
-        for f in fields(self):
-            ours, theirs = getattr(self, f.name), getattr(requested, f.name)
+        theirs_all = requested._flat()
+        for name, ours in self._flat().items():
+            theirs = theirs_all[name]
             if ours != theirs:
-                if f.name == "provider_options":
+                if name == "provider_options":
                     ours, theirs = dict(ours), dict(theirs)
-                out.append(FieldDifference(f.name, ours, theirs))
+                out.append(FieldDifference(name, ours, theirs))
         return out
 
     def describe(self) -> str:
-        threads = self.intra_op_threads or "default"
+        c = self.conditions
+        threads = c.intra_op_threads or "default"
         return (
-            f"{self.device_fingerprint} ort {self.ort_version} {self.provider} "
-            f"threads={threads} opt={self.graph_optimization} batch={self.batch_size}"
+            f"{c.device_fingerprint} ort {c.ort_version} {c.provider} "
+            f"threads={threads} opt={c.graph_optimization} batch={self.batch_size}"
         )
 
 

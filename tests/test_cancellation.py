@@ -30,8 +30,9 @@ from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
 
 ROOT = Path(__file__).resolve().parents[1]
-CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), 64, kernel=3, padding=1)
-SMALL = LayerSpec.create("conv2d", (1, 8, 8, 8), 8, kernel=3, padding=1)  # the next client's
+CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), out_channels=64, kernel=3, padding=1)
+# the next client's
+SMALL = LayerSpec.create("conv2d", (1, 8, 8, 8), out_channels=8, kernel=3, padding=1)
 LONG = MeasurePolicy(warmup_runs=1, min_warmup_ms=0, repeat=400, min_repeat_ms=50)  # ~20 s
 GRACE_S = 1.0
 # What the daemon promises once a call has ended: noticing it (50 ms polls) and the interrupt

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from grpc_status import rpc_status
 
 from device_server import wire
 from device_server.builder import build_layer_model
@@ -26,8 +27,8 @@ from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
 
-CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), 64, kernel=3, padding=1, batch_norm=True,
-                        activation="relu")
+CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), out_channels=64, kernel=3, padding=1,
+                        batch_norm=True, activation="relu")
 
 
 def _request(spec: LayerSpec, policy: MeasurePolicy = FAST_POLICY, rid: str = "r",
@@ -74,7 +75,7 @@ def test_device_info_describes_the_device(stub: pb_grpc.DeviceServiceStub) -> No
     assert "CPUExecutionProvider" in info.providers
     assert info.ort_version and info.daemon_version
     assert info.max_queue_depth > 0
-    assert "loadavg" in info.state
+    assert info.device_state.HasField("load")  # readable on every Linux
 
 
 def test_conv_measured_over_grpc_carries_distribution_and_conditions(
@@ -121,7 +122,8 @@ def test_overhead_is_far_below_a_layer(stub: pb_grpc.DeviceServiceStub) -> None:
 def test_stream_answers_in_order_with_ids_and_in_band_errors(
     stub: pb_grpc.DeviceServiceStub,
 ) -> None:
-    specs = [LayerSpec.create("conv2d", (1, c, 14, 14), c, kernel=3, padding=1, groups=c)
+    specs = [LayerSpec.create("conv2d", (1, c, 14, 14), out_channels=c, kernel=3, padding=1,
+                              groups=c)
              for c in (8, 16, 24)]
     bad = pb.MeasureRequest(request_id="bad", layer=pb.LayerConfig(
         op=pb.CONV2D, input_shape=[1, 6, 8, 8], out_channels=8, groups=4))
@@ -129,8 +131,11 @@ def test_stream_answers_in_order_with_ids_and_in_band_errors(
                 _request(specs[2], rid="c")]
     replies = list(stub.MeasureStream(iter(requests), timeout=60))
     assert [r.request_id for r in replies] == ["a", "bad", "b", "c"]
-    assert replies[1].error.code == "INVALID_ARGUMENT"
-    assert "divisible by groups" in replies[1].error.message
+    # In-band, a google.rpc.Status: the code and message the call alone would have ended with.
+    assert replies[1].HasField("status") and not replies[1].HasField("timing")
+    assert replies[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "divisible by groups" in replies[1].status.message
+    assert not any(r.HasField("status") for i, r in enumerate(replies) if i != 1)
     assert all(r.timing.median_ms > 0 for i, r in enumerate(replies) if i != 1)
     starts = [r.started_unix_ns for i, r in enumerate(replies) if i != 1]
     assert starts == sorted(starts)
@@ -146,8 +151,8 @@ def test_concurrent_clients_never_overlap(daemon: RunningServer) -> None:
             with grpc.insecure_channel(daemon.address) as channel:
                 s = pb_grpc.DeviceServiceStub(channel)
                 for i in range(3):
-                    spec = LayerSpec.create("conv2d", (1, 8 * (worker + 1), 16, 16), 16 + i,
-                                            kernel=3, padding=1)
+                    spec = LayerSpec.create("conv2d", (1, 8 * (worker + 1), 16, 16),
+                                            out_channels=16 + i, kernel=3, padding=1)
                     r = s.Measure(_request(spec, policy), timeout=60)
                     intervals.append((r.started_unix_ns, r.finished_unix_ns))
         except BaseException as exc:  # surfaced below; a thread cannot fail the test itself
@@ -202,6 +207,10 @@ def test_bad_layer_requests_get_a_clear_status_and_the_daemon_goes_on(
         stub.Measure(request, timeout=30)
     assert _code(exc) == code
     assert message in exc.value.details()
+    # The same refusal as a google.rpc.Status in the call's details (what grpcio-status reads).
+    status = rpc_status.from_call(exc.value)  # type: ignore[arg-type]
+    assert status is not None and status.code == code.value[0]
+    assert status.message == exc.value.details()
     _still_serving(stub)
 
 
@@ -223,7 +232,7 @@ def _chunks(blob: bytes, sha: str, size: int = 256 * 1024) -> Iterator[pb.ModelC
 
 def _big_model_bytes() -> bytes:
     # 1024 x 1536 float32 weights: 6 MiB, above gRPC's default 4 MiB message limit.
-    spec = LayerSpec.create("linear", (1, 1536), 1024)
+    spec = LayerSpec.create("linear", (1, 1536), out_channels=1024)
     return build_layer_model(spec).SerializeToString()
 
 

@@ -26,7 +26,7 @@ from tests.conftest import FAST_POLICY
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "log-test-token-5f2c9e"
-LINEAR = LayerSpec.create("linear", (1, 16), 16)
+LINEAR = LayerSpec.create("linear", (1, 16), out_channels=16)
 _OUTCOME = re.compile(r" (\S+) request (\S+) ([A-Z_]+) in (\d+\.\d{3}) s")
 
 

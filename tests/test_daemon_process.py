@@ -63,7 +63,7 @@ def test_device_side_runs_without_torch(tmp_path: Path) -> None:
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.DeviceServiceStub(channel)
-            spec = LayerSpec.create("conv2d", (1, 16, 14, 14), 32, kernel=3, padding=1)
+            spec = LayerSpec.create("conv2d", (1, 16, 14, 14), out_channels=32, kernel=3, padding=1)
             reply = stub.Measure(pb.MeasureRequest(layer=wire.layer_to_proto(spec),
                                                    policy=wire.policy_to_proto(FAST_POLICY)),
                                  timeout=60)
@@ -86,7 +86,8 @@ def test_device_modules_do_not_import_torch() -> None:
 
 def test_sigterm_with_an_open_stream_stops_gracefully(tmp_path: Path) -> None:
     proc, address = _start_daemon(tmp_path)
-    spec = LayerSpec.create("conv2d", (1, 16, 14, 14), 16, kernel=3, padding=1, groups=16)
+    spec = LayerSpec.create("conv2d", (1, 16, 14, 14), out_channels=16, kernel=3, padding=1,
+                            groups=16)
     sent = []
 
     def requests() -> Iterator[pb.MeasureRequest]:

@@ -22,7 +22,7 @@ from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
 
-CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), 64, kernel=3, padding=1)
+CONV = LayerSpec.create("conv2d", (1, 32, 28, 28), out_channels=64, kernel=3, padding=1)
 SLOW = MeasurePolicy(warmup_runs=1, min_warmup_ms=0, repeat=40, min_repeat_ms=50)  # ~2 s
 
 

@@ -31,7 +31,7 @@ from tests.helpers_hostile import HOSTILE_MODELS, NAMED, TOKEN_BYTES, external_i
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "0123456789abcdef"  # 16 bytes: exactly the four float32 the hostile models read
 assert len(TOKEN) == TOKEN_BYTES
-LINEAR = LayerSpec.create("linear", (1, 8), 8)
+LINEAR = LayerSpec.create("linear", (1, 8), out_channels=8)
 
 
 def _env() -> dict[str, str]:

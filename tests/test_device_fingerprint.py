@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from device_server import wire
 from device_server.android_props import parse_getprop, read_props
 from device_server.cpu_parts import core_name
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list, parse_cpuinfo
@@ -108,8 +109,8 @@ def test_recorded_device_is_named_by_its_cores_board_and_build(name: str, tmp_pa
     assert [cpu for c in ident.clusters for cpu in c.cpus] == list(range(ident.cpu_count))
     assert (ident.product_model, ident.board_model, ident.soc, ident.android_version) == (
         product, board, soc, android)
-    fields = ident.info_fields()
-    assert [c["core"] for c in fields["clusters"]] == [c.core for c in ident.clusters]
+    on_the_wire = [wire.cluster_to_proto(c) for c in ident.clusters]
+    assert tuple(wire.cluster_from_proto(c) for c in on_the_wire) == ident.clusters
 
 
 def test_big_little_clusters_carry_exact_ids(tmp_path: Path) -> None:

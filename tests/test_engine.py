@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from device_server.server import RunningServer
+from device_server.stats import Conditions
 from host.cli.netadapt_host import main as host_main
 from host.engine.config import Budget
 from host.engine.netadapt import BudgetUnreachable, CheckpointError, IterationRecord
@@ -186,8 +187,9 @@ def test_cli_refuses_a_table_of_another_device(daemon: RunningServer, tmp_path: 
 
     ckpt = tmp_path / "tiny.pt"
     torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
-    other = LutIdentity("0123456789abcdef", ort.__version__, "CPUExecutionProvider", 1,
-                        "enable_all")
+    other = LutIdentity(conditions=Conditions(
+        device_fingerprint="0123456789abcdef", ort_version=ort.__version__,
+        provider="CPUExecutionProvider", intra_op_threads=1, graph_optimization="enable_all"))
     LutStore.open(tmp_path / "t.sqlite", other).close()
     code, err = _cli("adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint",
                      str(ckpt), "--device", daemon.address, "--workdir", str(tmp_path / "run"),

@@ -123,7 +123,7 @@ def test_unit_graphs_are_unaffected() -> None:
     from device_server.builder import build_layer_model
     from device_server.spec import LayerSpec
 
-    spec = LayerSpec.create("conv2d", (1, 4, 8, 8), 8, kernel=3, padding=1)
+    spec = LayerSpec.create("conv2d", (1, 4, 8, 8), out_channels=8, kernel=3, padding=1)
     assert graph_ranges(build_layer_model(spec).SerializeToString()) == {}
     onnx.checker.check_model(build_layer_model(spec))
 

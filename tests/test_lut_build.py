@@ -3,6 +3,7 @@ Runtime and real SQLite files."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -37,7 +38,9 @@ from tests.conftest import FAST_POLICY
 SESSION = SessionSpec(intra_op_threads=1)
 # Counting tests must not depend on this shared machine's drift: no re-measured windows.
 NO_DRIFT = DriftGuard(threshold=float("inf"), policy=FAST_POLICY)
-CONDITIONS = Conditions("dev", "1", "CPUExecutionProvider", 1, "all")
+CONDITIONS = Conditions(device_fingerprint="dev", ort_version="1",
+                        provider="CPUExecutionProvider", intra_op_threads=1,
+                        graph_optimization="all")
 
 
 class SmallNet(nn.Module):
@@ -171,17 +174,17 @@ def test_pool_requeues_the_work_of_a_device_that_dies(network: Network, daemon: 
 
 def test_estimator_sums_interpolates_and_names_missing_keys(network: Network,
                                                             pool: DevicePool) -> None:
-    conv = LayerSpec.create("conv2d", (1, 16, 8, 8), 8, kernel=1)
+    conv = LayerSpec.create("conv2d", (1, 16, 8, 8), out_channels=8, kernel=1)
     medians = {
         conv.key(): 0.010,
-        LayerSpec.create("conv2d", (1, 16, 8, 8), 24, kernel=1).key(): 0.030,
+        LayerSpec.create("conv2d", (1, 16, 8, 8), out_channels=24, kernel=1).key(): 0.030,
     }
     est = LatencyEstimator(medians, overhead_ms=0.002)
     assert est.estimate([conv]) == pytest.approx(0.012)
-    mid = LayerSpec.create("conv2d", (1, 16, 8, 8), 16, kernel=1)
+    mid = LayerSpec.create("conv2d", (1, 16, 8, 8), out_channels=16, kernel=1)
     assert est.unit_ms(mid) == pytest.approx(0.020)  # halfway on the grid
     assert est.interpolated == 1
-    far = LayerSpec.create("conv2d", (1, 16, 8, 8), 40, kernel=1)
+    far = LayerSpec.create("conv2d", (1, 16, 8, 8), out_channels=40, kernel=1)
     with pytest.raises(LutMissingKeyError, match="conv1x1/s1 16->40"):
         est.unit_ms(far)
     strict = LatencyEstimator(medians, overhead_ms=0.002, interpolate=False)
@@ -278,10 +281,11 @@ def test_noisy_keys_are_measured_again_on_the_device(network: Network, pool: Dev
 
 def test_the_tightest_of_repeated_measurements_is_kept(tmp_path: Path) -> None:
     """A device answering first with a burst of load in the samples, then quietly."""
-    spec = LayerSpec.create("conv2d", (1, 8, 8, 8), 8, kernel=1)
+    spec = LayerSpec.create("conv2d", (1, 8, 8, 8), out_channels=8, kernel=1)
 
     def timing(median: float, lo: float, hi: float) -> TimingStats:
-        return TimingStats(median, median, 0.0, hi, lo, hi, 5)
+        return TimingStats(median_ms=median, mean_ms=median, std_ms=0.0, p90_ms=hi, min_ms=lo,
+                           max_ms=hi, samples_count=5)
 
     answers = [timing(0.067, 0.017, 0.213), timing(0.0062, 0.0060, 0.0066)]
 
@@ -289,11 +293,12 @@ def test_the_tightest_of_repeated_measurements_is_kept(tmp_path: Path) -> None:
         clients: list[object] = []
 
         def measure(self, specs, session, policy, on_result):  # type: ignore[no-untyped-def]
-            on_result(Measurement("r", specs[0], answers.pop(0), CONDITIONS, 0, 0, "h"))
+            on_result(Measurement(request_id="r", spec=specs[0], timing=answers.pop(0),
+                                  conditions=CONDITIONS, started_unix_ns=0, finished_unix_ns=0,
+                                  config_hash="h"))
             return PoolReport()
 
-    identity = LutIdentity(device_fingerprint="dev", ort_version="1", provider="CPU",
-                           intra_op_threads=1, graph_optimization="all")
+    identity = LutIdentity(conditions=dataclasses.replace(CONDITIONS, provider="CPU"))
     with LutStore.open(tmp_path / "t.sqlite", identity) as store:
         report = BuildReport()
         got = measure_into(store, ScriptedPool(), [spec], SESSION, FAST_POLICY,  # type: ignore[arg-type]

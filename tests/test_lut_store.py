@@ -40,13 +40,19 @@ from lut.store import SCHEMA_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-IDENT = LutIdentity(
+CONDITIONS = Conditions(
     device_fingerprint="test-device-1",
     ort_version="1.20.0",
     provider="CPUExecutionProvider",
     intra_op_threads=1,
     graph_optimization="enable_all",
 )
+IDENT = LutIdentity(conditions=CONDITIONS)
+
+
+def _with(**conditions: object) -> LutIdentity:
+    """IDENT under other conditions."""
+    return LutIdentity(conditions=dataclasses.replace(CONDITIONS, **conditions))
 
 
 def spec(i: int, batch: int = 1) -> LayerSpec:
@@ -130,11 +136,15 @@ def test_put_rejects_bad_rows(tmp_path: Path) -> None:
 
 
 def test_identity_normalises_provider_options() -> None:
-    a = dataclasses.replace(IDENT, provider_options=(("b", "2"), ("a", "1")))
-    b = dataclasses.replace(IDENT, provider_options=(("a", "1"), ("b", "2")))
+    a = _with(provider_options=(("b", "2"), ("a", "1")))
+    b = _with(provider_options=(("a", "1"), ("b", "2")))
     assert a == b and LutIdentity.from_dict(json.loads(json.dumps(a.to_dict()))) == a
-    cond = Conditions("d", "1.20.0", "CPUExecutionProvider", 1, "enable_all")
-    assert LutIdentity.from_conditions(cond, batch_size=4).conditions == cond
+    # The file's flat form: the conditions' fields and the batch size side by side.
+    assert a.to_dict() == {"device_fingerprint": "test-device-1", "ort_version": "1.20.0",
+                           "provider": "CPUExecutionProvider", "intra_op_threads": 1,
+                           "graph_optimization": "enable_all",
+                           "provider_options": {"a": "1", "b": "2"}, "batch_size": 1}
+    assert LutIdentity(conditions=CONDITIONS, batch_size=4).conditions == CONDITIONS
 
 
 def test_missing_file_not_created(tmp_path: Path) -> None:
@@ -148,7 +158,7 @@ def test_missing_file_not_created(tmp_path: Path) -> None:
 def test_other_conditions_refused_naming_fields(tmp_path: Path) -> None:
     path = tmp_path / "lut.sqlite"
     fill(path, 2)
-    other = dataclasses.replace(IDENT, intra_op_threads=2, device_fingerprint="pixel-7")
+    other = _with(intra_op_threads=2, device_fingerprint="pixel-7")
     with pytest.raises(LutConditionsMismatch) as info:
         LutStore.open(path, other)
     message = str(info.value)
@@ -431,7 +441,7 @@ def test_import_of_other_conditions_refused_unless_allowed(
     export = tmp_path / f"lut.{fmt}"
     with _sample_store(tmp_path / "a.sqlite") as a:
         (export_csv if fmt == "csv" else export_json)(a, export)
-    other = dataclasses.replace(IDENT, intra_op_threads=4)
+    other = _with(intra_op_threads=4)
     with LutStore.open(tmp_path / "b.sqlite", other) as b:
         with pytest.raises(LutConditionsMismatch, match="intra_op_threads: file 1, store 4"):
             import_file(export, b)

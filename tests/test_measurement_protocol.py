@@ -20,6 +20,7 @@ import pytest
 from device_server.spec import MeasurePolicy, SessionSpec
 from device_server.stats import (
     ROBUST_QUANTILE,
+    Conditions,
     interval_coverage,
     median_interval,
     quantile_interval,
@@ -165,7 +166,9 @@ def test_calibration_refuses_samples_with_wide_intervals(caplog: pytest.LogCaptu
 
 # -- the table keeps the figure and its interval ---------------------------------------------
 def test_table_rows_keep_the_robust_figure_interval_and_interference(tmp_path: Path) -> None:
-    ident = LutIdentity("f" * 16, "1.0", "CPUExecutionProvider", 1, "ENABLE_ALL")
+    ident = LutIdentity(conditions=Conditions(
+        device_fingerprint="f" * 16, ort_version="1.0", provider="CPUExecutionProvider",
+        intra_op_threads=1, graph_optimization="ENABLE_ALL"))
     t = summarize([0.1 + 0.001 * i for i in range(30)], preempted_samples=4, other_load=1.25,
                   steal=0.02)
     with LutStore.open(tmp_path / "t.sqlite", ident) as store:

@@ -49,7 +49,7 @@ def test_node_specs_round_trip_and_keep_old_keys_unchanged() -> None:
         assert LayerSpec.from_dict(spec.to_dict()) == spec
         assert wire.layer_from_proto(wire.layer_to_proto(spec)) == spec
         assert spec.key() != _mul(8).key() or spec == _mul(8)
-    conv = LayerSpec.create("conv2d", (1, 3, 8, 8), 8)
+    conv = LayerSpec.create("conv2d", (1, 3, 8, 8), out_channels=8)
     assert "node_op" not in conv.key() and "operands" not in conv.key()
     assert _split(16).output_shape() == (1, 8, 8, 8) and _bn(8).param_count() == 32
 
@@ -60,7 +60,8 @@ def test_node_specs_round_trip_and_keep_old_keys_unchanged() -> None:
     ({"op_type": "Mul", "operands": [NodeOperand.weight((4,))], "out_shapes": [(4,)]},
      "first operand must be an input"),
     ({"op_type": "Split", "operands": [NodeOperand.input((1, 4)),
-                                       NodeOperand("const", (2,), (2,), "int64")],
+                                       NodeOperand(kind="const", shape=(2,), values=(2,),
+                                                   dtype="int64")],
       "out_shapes": [(1, 2), (1, 2)]}, "needs 2 values"),
     ({"op_type": "Relu", "operands": [NodeOperand.input((1, 4))], "out_shapes": []},
      "out_shapes"),
@@ -72,7 +73,7 @@ def test_bad_node_specs_name_the_problem(kwargs: dict[str, object], message: str
 
 def test_fixed_kinds_refuse_node_fields() -> None:
     with pytest.raises(InvalidConfigError, match="node units only"):
-        LayerSpec.create("conv2d", (1, 3, 8, 8), 8, node_op="Mul")
+        LayerSpec.create("conv2d", (1, 3, 8, 8), out_channels=8, node_op="Mul")
 
 
 def test_the_daemon_builds_what_onnx_infers_and_refuses_the_rest() -> None:
@@ -93,7 +94,8 @@ def test_the_daemon_builds_what_onnx_infers_and_refuses_the_rest() -> None:
 
 def test_new_activations_fuse_into_convs_and_run() -> None:
     for act in (Activation.SIGMOID, Activation.HARDSIGMOID, Activation.SILU):
-        spec = LayerSpec.create("conv2d", (1, 4, 8, 8), 8, batch_norm=True, activation=act)
+        spec = LayerSpec.create("conv2d", (1, 4, 8, 8), out_channels=8, batch_norm=True,
+                                activation=act)
         session = ort.InferenceSession(build_layer_model(spec).SerializeToString())
         (out,) = session.run(None, {"x": np.random.rand(1, 4, 8, 8).astype(np.float32)})
         assert out.shape == (1, 8, 8, 8)
@@ -103,7 +105,7 @@ def test_new_activations_fuse_into_convs_and_run() -> None:
 
 def test_node_units_are_timed_by_the_daemon_bad_ones_answered_in_band(
         daemon: RunningServer) -> None:
-    wrong = LayerSpec(OpKind.NODE, (1, 8, 8, 8), node_op="Concat",
+    wrong = LayerSpec(op=OpKind.NODE, input_shape=(1, 8, 8, 8), node_op="Concat",
                       operands=(NodeOperand.input((1, 8, 8, 8)),
                                 NodeOperand.input((1, 8, 8, 8))),
                       attributes=(("axis", 1),), out_shapes=((1, 12, 8, 8),))

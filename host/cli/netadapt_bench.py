@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+from device_server.device_state import DeviceState
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed
 from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
@@ -486,8 +487,23 @@ def _print_info(info: DeviceInfo, address: str, as_json: bool, out: TextIO) -> N
         ("default threads", info.default_threads),
         ("queue", f"{info.queue_depth} of {info.max_queue_depth}"),
     ]
-    rows += [(f"state.{k}", v) for k, v in info.state.items()]
+    rows += _state_rows(info.state)
     out.write(format_table(("field", "value"), rows, right_align=(False, False)) + "\n")
+
+
+def _state_rows(state: DeviceState) -> list[tuple[str, object]]:
+    """The device's state as read, one row per reading."""
+    rows: list[tuple[str, object]] = []
+    if state.load is not None:
+        rows.append(("load (1, 5, 15 min)", f"{state.load.one_min:.2f} {state.load.five_min:.2f} "
+                                            f"{state.load.fifteen_min:.2f}"))
+    rows += [(f"cpu{c.cpu} MHz", c.mhz) for c in state.clocks]
+    rows += [(f"{z.type} °C", f"{z.temp_c:.1f}") for z in state.thermal_zones]
+    for b in state.batteries:
+        parts = [f"{b.percent}%" if b.percent is not None else "", b.status,
+                 f"{b.temp_c:.1f} °C" if b.temp_c is not None else ""]
+        rows.append((f"battery {b.name}", ", ".join(p for p in parts if p)))
+    return rows
 
 
 # -- subcommands -----------------------------------------------------------------------------

@@ -138,7 +138,7 @@ install_termux() {
   # Pin what pkg installed, so that pip never tries to build replacements from source.
   CONSTRAINTS=$NA_DIR/constraints.txt
   "$VENV/bin/python" -c 'import grpc, numpy, onnxruntime as o; v = grpc.__version__
-print(f"grpcio=={v}\ngrpcio-health-checking=={v}\ngrpcio-reflection=={v}")
+print(f"grpcio=={v}\ngrpcio-health-checking=={v}\ngrpcio-reflection=={v}\ngrpcio-status=={v}")
 print(f"numpy=={numpy.__version__}\nonnxruntime=={o.__version__}")' >"$CONSTRAINTS" \
     || die "the Termux packages do not import: try pkg upgrade"
   pip_install

@@ -1,7 +1,9 @@
 """Devices turned into trustworthy numbers: the one package that talks to measurement daemons.
 
 - `client`: `DeviceClient`, one channel and stub per daemon, deadlines and bounded retries,
-  dataclasses out (`Measurement`, `DeviceInfo`).
+  dataclasses out (`results`: `Measurement`, `MeasureFailure`, `DeviceInfo`, `DeviceError`).
+- `wire`: every conversion between those dataclasses and the protobuf messages (built on the
+  daemon's own `device_server.wire`).
 - `pool`: `DevicePool`, several daemons of one fingerprint sharing work, re-queueing a lost one's.
 - `local_daemon`: a daemon started on loopback for a run (the embedded default).
 - `connect`: `--device` addresses and tokens to an open pool.

@@ -4,7 +4,8 @@
 that fail with UNAVAILABLE (daemon not up yet, connection dropped) are retried a bounded number
 of times with exponential backoff, and every other failure is raised as `DeviceError` with the
 status code name and the daemon's message. Results come back as dataclasses (`Measurement`,
-`MeasureFailure`, `DeviceInfo`, `TimingStats`), never as protobuf messages.
+`MeasureFailure`, `DeviceInfo`, `TimingStats`: host/device/results.py), never as protobuf
+messages; every conversion is in host/device/wire.py.
 
 A stream of measurements (`measure_many`) survives a dropped connection: items the daemon has
 not answered yet are sent again on a new stream, so each item is answered exactly once.
@@ -14,7 +15,6 @@ Imports neither torch nor onnx: standalone benchmarking needs only grpcio and pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -24,18 +24,24 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from device_server import wire
-from device_server.cpu_topology import CpuCluster
+from device_server import wire as shared
 from device_server.inputs import InputFeed
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
-from device_server.stats import Conditions, TimingStats
+from device_server.stats import TimingStats
+from host.device import wire
+from host.device.results import (
+    DeviceError,
+    DeviceInfo,
+    MeasureFailure,
+    Measurement,
+    MeasureResult,
+)
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 
@@ -66,152 +72,6 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 T = TypeVar("T")
-
-
-class DeviceError(Exception):
-    """A call to the daemon failed. `code` is the gRPC status code name (e.g. "NOT_FOUND");
-    `address` the daemon's, when one device is to blame."""
-
-    def __init__(self, code: str, message: str, address: str = "") -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.address = address
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """Who the device is: the fingerprint a lookup table is tied to, its runtime and queue."""
-
-    fingerprint: str
-    cpu_model: str
-    cpu_count: int
-    machine: str
-    os: str
-    os_release: str
-    android_version: str  # empty off Android
-    ort_version: str
-    providers: tuple[str, ...]
-    daemon_version: str
-    python_version: str
-    queue_depth: int  # measurements running or waiting when asked
-    max_queue_depth: int  # beyond this, requests get RESOURCE_EXHAUSTED
-    default_threads: int
-    state: dict[str, str] = field(default_factory=dict)  # load, frequencies, temperatures
-    clusters: tuple[CpuCluster, ...] = ()  # the cores by kind and clock (big.LITTLE: several)
-    pinned_cpus: tuple[int, ...] = ()  # the daemon's CPU affinity (all CPUs: not pinned)
-    board_model: str = ""  # device tree model (boards), DMI product (PCs)
-    soc: str = ""
-    product_model: str = ""  # Android: manufacturer + model
-    build_fingerprint: str = ""  # Android: the OS build
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the daemon runs on a subset of the cores (`serve --cpus`)."""
-        every = {cpu for c in self.clusters for cpu in c.cpus}
-        return bool(self.pinned_cpus) and bool(every) and set(self.pinned_cpus) < every
-
-    @classmethod
-    def from_proto(cls, msg: pb.DeviceInfo) -> DeviceInfo:
-        return cls(
-            fingerprint=msg.fingerprint,
-            cpu_model=msg.cpu_model,
-            cpu_count=msg.cpu_count,
-            machine=msg.machine,
-            os=msg.os,
-            os_release=msg.os_release,
-            android_version=msg.android_version,
-            ort_version=msg.ort_version,
-            providers=tuple(msg.providers),
-            daemon_version=msg.daemon_version,
-            python_version=msg.python_version,
-            queue_depth=msg.queue_depth,
-            max_queue_depth=msg.max_queue_depth,
-            default_threads=msg.default_threads,
-            state=dict(sorted(msg.state.items())),
-            clusters=tuple(CpuCluster(c.core, c.ident, tuple(c.cpus), c.max_freq_khz)
-                           for c in msg.clusters),
-            pinned_cpus=tuple(msg.pinned_cpus),
-            board_model=msg.board_model,
-            soc=msg.soc,
-            product_model=msg.product_model,
-            build_fingerprint=msg.build_fingerprint,
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
-        d["providers"] = list(self.providers)
-        return d
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One timing taken by the daemon, with the conditions it is valid for.
-
-    `spec` is the layer measured, or None for a whole model (`model_sha256` set) or the
-    session overhead. Times `*_unix_ns` are on the daemon's clock.
-    """
-
-    request_id: str
-    spec: LayerSpec | None
-    timing: TimingStats
-    conditions: Conditions
-    started_unix_ns: int
-    finished_unix_ns: int
-    config_hash: str
-    model_sha256: str | None = None
-    state: dict[str, str] = field(default_factory=dict)  # device state as it ended
-    index: int = -1  # position in `measure_many`'s input; -1 for single measurements
-
-    @property
-    def latency_ms(self) -> float:
-        """The figure a lookup table stores: the robust per-call time (`TimingStats.robust_ms`:
-        the 10th percentile of the samples the daemon did not see preempted)."""
-        return self.timing.robust_ms
-
-    def to_dict(self) -> dict[str, object]:
-        timing = dataclasses.asdict(self.timing)
-        timing["samples_ms"] = list(self.timing.samples_ms)
-        conditions = dataclasses.asdict(self.conditions)
-        conditions["provider_options"] = dict(self.conditions.provider_options)
-        return {
-            "request_id": self.request_id,
-            "config": self.spec.to_dict() if self.spec is not None else None,
-            "model_sha256": self.model_sha256,
-            "config_hash": self.config_hash,
-            "timing": timing,
-            "conditions": conditions,
-            "started_unix_ns": self.started_unix_ns,
-            "finished_unix_ns": self.finished_unix_ns,
-            "device_state": dict(self.state),
-        }
-
-
-@dataclass(frozen=True)
-class MeasureFailure:
-    """An item of `measure_many` the daemon could not measure; the stream went on."""
-
-    request_id: str
-    spec: LayerSpec
-    code: str  # gRPC status code name, e.g. "INVALID_ARGUMENT"
-    message: str
-    index: int = -1  # position in `measure_many`'s input
-
-    def to_error(self) -> DeviceError:
-        return DeviceError(self.code, self.message)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "request_id": self.request_id,
-            "config": self.spec.to_dict(),
-            "error": {"code": self.code, "message": self.message},
-        }
-
-
-MeasureResult = Measurement | MeasureFailure
 
 
 def _is_loopback(address: str) -> bool:
@@ -349,7 +209,7 @@ class DeviceClient:
         reply = self._unary(
             "GetDeviceInfo", self._stub.GetDeviceInfo, pb.GetDeviceInfoRequest(), timeout_s
         )
-        return DeviceInfo.from_proto(reply)
+        return wire.device_info_from_proto(reply)
 
     # -- measurements ----------------------------------------------------------------------
     def measure(
@@ -365,14 +225,14 @@ class DeviceClient:
             DeviceError: the daemon refused or failed the measurement (INVALID_ARGUMENT,
                 FAILED_PRECONDITION, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...).
         """
-        request = pb.MeasureRequest(
-            request_id=_new_request_id(),
-            layer=wire.layer_to_proto(spec),
-            session=wire.session_to_proto(session or SessionSpec()),
-            policy=wire.policy_to_proto(policy or MeasurePolicy()),
+        request = wire.measure_request(
+            _new_request_id(),
+            shared.layer_to_proto(spec),
+            shared.session_to_proto(session or SessionSpec()),
+            shared.policy_to_proto(policy or MeasurePolicy()),
         )
         reply = self._unary("Measure", self._stub.Measure, request, timeout_s)
-        return _measurement(reply, spec, request.request_id)
+        return wire.measurement_from_proto(reply, spec, request.request_id)
 
     def measure_many(
         self,
@@ -402,13 +262,13 @@ class DeviceClient:
         prefix = uuid.uuid4().hex[:12]
         # Converted up front, so a bad spec fails here rather than inside gRPC's sender thread.
         pending = {
-            f"{prefix}-{i}": (spec, wire.layer_to_proto(spec)) for i, spec in enumerate(items)
+            f"{prefix}-{i}": (spec, shared.layer_to_proto(spec)) for i, spec in enumerate(items)
         }
         total_s = timeout_s if timeout_s is not None else self.timeout_s * max(1, len(items))
         return self._measure_stream(
             pending,
-            wire.session_to_proto(session or SessionSpec()),
-            wire.policy_to_proto(policy or MeasurePolicy()),
+            shared.session_to_proto(session or SessionSpec()),
+            shared.policy_to_proto(policy or MeasurePolicy()),
             on_result,
             total_s,
             {rid: i for i, rid in enumerate(pending)},
@@ -421,12 +281,9 @@ class DeviceClient:
         timeout_s: float | None = None,
     ) -> TimingStats:
         """Per-call cost of a session run (an identity graph), to subtract when summing layers."""
-        request = pb.MeasureOverheadRequest(
-            session=wire.session_to_proto(session or SessionSpec()),
-            policy=wire.policy_to_proto(policy or MeasurePolicy()),
-        )
+        request = wire.overhead_request(session or SessionSpec(), policy or MeasurePolicy())
         reply = self._unary("MeasureOverhead", self._stub.MeasureOverhead, request, timeout_s)
-        return wire.timing_from_proto(reply.timing)
+        return wire.measurement_from_proto(reply, None, "overhead").timing
 
     # -- whole models ----------------------------------------------------------------------
     def has_model(self, sha256: str, timeout_s: float | None = None) -> bool:
@@ -521,19 +378,11 @@ class DeviceClient:
                     f"expected model bytes or a SHA-256 hex digest (64 hex digits), got "
                     f"{onnx_bytes_or_sha!r}"
                 )
-        request = pb.MeasureModelRequest(
-            request_id=_new_request_id(),
-            sha256=sha,
-            session=wire.session_to_proto(session or SessionSpec()),
-            policy=wire.policy_to_proto(policy or MeasurePolicy()),
-            input_shapes={
-                name: pb.InputShape(dims=[int(d) for d in dims])
-                for name, dims in (input_shapes or {}).items()
-            },
-            inputs=wire.feeds_to_proto(input_feeds or {}),
-        )
+        request = wire.model_request(_new_request_id(), sha, session or SessionSpec(),
+                                     policy or MeasurePolicy(), input_shapes or {},
+                                     input_feeds or {})
         reply = self._unary("MeasureModel", self._stub.MeasureModel, request, timeout_s)
-        return _measurement(reply, None, request.request_id, model_sha256=sha)
+        return wire.measurement_from_proto(reply, None, request.request_id, model_sha256=sha)
 
     # -- plumbing --------------------------------------------------------------------------
     def _timeout(self, timeout_s: float | None) -> float:
@@ -611,10 +460,8 @@ class DeviceClient:
         delay = self.backoff_s
         while pending:
             # What is not answered yet, in the order given.
-            batch = [
-                pb.MeasureRequest(request_id=rid, layer=layer, session=session, policy=policy)
-                for rid, (_, layer) in pending.items()
-            ]
+            batch = [wire.measure_request(rid, layer, session, policy)
+                     for rid, (_, layer) in pending.items()]
 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -638,17 +485,8 @@ class DeviceClient:
                             self.address,
                         )
                     progressed = True
-                    spec = item[0]
-                    result: MeasureResult
-                    if reply.HasField("error"):
-                        result = MeasureFailure(
-                            reply.request_id, spec, reply.error.code, reply.error.message,
-                            index=index_of.get(reply.request_id, -1),
-                        )
-                    else:
-                        result = dataclasses.replace(
-                            _measurement(reply, spec, reply.request_id),
-                            index=index_of.get(reply.request_id, -1))
+                    result = wire.result_from_proto(reply, item[0],
+                                                    index_of.get(reply.request_id, -1))
                     if on_result is not None:
                         on_result(result)
                     yield result
@@ -685,22 +523,3 @@ class DeviceClient:
 
 def _new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def _measurement(
-    reply: pb.MeasureResponse,
-    spec: LayerSpec | None,
-    request_id: str,
-    model_sha256: str | None = None,
-) -> Measurement:
-    return Measurement(
-        request_id=reply.request_id or request_id,
-        spec=spec,
-        timing=wire.timing_from_proto(reply.timing),
-        conditions=wire.conditions_from_proto(reply.conditions),
-        started_unix_ns=reply.started_unix_ns,
-        finished_unix_ns=reply.finished_unix_ns,
-        config_hash=reply.config_hash,
-        model_sha256=model_sha256,
-        state=dict(reply.device_state),
-    )

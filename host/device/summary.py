@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from device_server.cpu_topology import CpuCluster, describe_clusters, format_cpu_list
 from host.device.client import DeviceInfo
 
@@ -29,7 +31,7 @@ def pinning_line(info: DeviceInfo) -> str:
     if not info.pinned:
         return f"not pinned (all {len(info.pinned_cpus)} cores; serve --cpus pins it)"
     pinned = set(info.pinned_cpus)
-    within = [CpuCluster(c.core, c.ident, tuple(sorted(pinned & set(c.cpus))), c.max_freq_khz)
+    within = [dataclasses.replace(c, cpus=tuple(sorted(pinned & set(c.cpus))))
               for c in info.clusters if pinned & set(c.cpus)]
     return f"cpu{format_cpu_list(pinned)}: {describe_clusters(within)}"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
-from device_server.stats import TimingStats
+from device_server.stats import Conditions, TimingStats
 from host.device.client import DeviceInfo, MeasureFailure, Measurement
 from host.device.pool import DevicePool, DeviceStats
 from host.device.watch import DeviceWatch
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # samples give the 10th percentile something to choose from, and a preempted one is taken
 # again. Cheap enough for ~22,000 keys in minutes (see `make bench-lut`).
 LUT_POLICY = MeasurePolicy(warmup_runs=2, min_warmup_ms=2.0, repeat=15, min_repeat_ms=0.5)
-REFERENCE_SPEC = LayerSpec.create("conv2d", (1, 32, 28, 28), 32, kernel=3, padding=1,
+REFERENCE_SPEC = LayerSpec.create("conv2d", (1, 32, 28, 28), out_channels=32, kernel=3, padding=1,
                                   batch_norm=True, activation="relu")
 REFERENCE_KIND = "reference"
 
@@ -53,15 +53,15 @@ class ProgressSink(Protocol):
 def identity_for(info: DeviceInfo, session: SessionSpec, batch_size: int = 1) -> LutIdentity:
     """The conditions a table built on this device with this session belongs to."""
     resolved = session.with_threads(info.default_threads)
-    return LutIdentity(
+    conditions = Conditions(
         device_fingerprint=info.fingerprint,
         ort_version=info.ort_version,
         provider=resolved.provider,
         intra_op_threads=resolved.intra_op_threads,
         graph_optimization=resolved.graph_optimization.value,
         provider_options=resolved.provider_options,
-        batch_size=batch_size,
     )
+    return LutIdentity(conditions=conditions, batch_size=batch_size)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Is the device still the device the table is being measured on? Every measurement comes back
-with the device's state as it ended (load, per-core MHz, temperatures, battery); this watches
-those readings for the things that make a phone's timings drift: heating up, a throttled CPU
-clock, another load, a charger plugged in or out.
+with the device's state as it ended (a `DeviceState`: load, per-core MHz, temperatures,
+battery); this watches those readings for the things that make a phone's timings drift: heating
+up, a throttled CPU clock, another load, a charger plugged in or out.
 
 It only reads the state it is given, so it is the same for one device or a pool; the LUT builder
 logs its warnings, keeps them in the build report, and may pause for a cool-down.
@@ -10,9 +10,9 @@ logs its warnings, keeps them in the build report, and may pause for a cool-down
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from device_server.device_state import DeviceState
 from device_server.spec import SessionSpec
 
 __all__ = ["WatchLimits", "DeviceWatch"]
@@ -47,37 +47,36 @@ class DeviceWatch:
         `default_threads` (what "0 threads" in the session resolves to)."""
         return cls(limits, threads=session.with_threads(default_threads).intra_op_threads)
 
-    def problems(self, state: Mapping[str, str]) -> dict[str, str]:
+    def problems(self, state: DeviceState) -> dict[str, str]:
         """Kind -> description of what is wrong in `state` (does not remember anything)."""
         out: dict[str, str] = {}
-        hot = [(k, float(v) - self.first_temp[k]) for k, v in _temps(state).items()
-               if k in self.first_temp and float(v) - self.first_temp[k]
-               > self.limits.max_temp_rise_c]
+        hot = [(k, v - self.first_temp[k]) for k, v in state.temperatures_c().items()
+               if k in self.first_temp and v - self.first_temp[k] > self.limits.max_temp_rise_c]
         if hot:
             zone, rise = max(hot, key=lambda kv: kv[1])
             out["heat"] = (f"{zone} is {rise:+.1f} °C above its first reading (limit "
                            f"+{self.limits.max_temp_rise_c:g} °C): timings may be throttled")
-        mhz = _top_mhz(state)
+        mhz = state.top_mhz()
         if mhz and self.top_mhz and mhz < self.limits.min_clock_ratio * self.top_mhz:
             out["clock"] = (f"fastest core at {mhz:.0f} MHz, {mhz / self.top_mhz:.0%} of the "
                             f"{self.top_mhz:.0f} MHz seen before: the CPU is throttled")
-        load = _load1(state)
+        load = state.load.one_min if state.load is not None else None
         if load is not None and load > self.threads + self.limits.extra_load:
             out["load"] = (f"1-minute load {load:.2f} with {self.threads} measuring thread(s): "
                            f"something else is running on the device")
-        status = _charging(state)
+        status = state.battery_status()
         if status is not None and self.charging is not None and status != self.charging:
             out["power"] = (f"battery went from {self.charging} to {status}: phones clock "
                             f"differently on and off the charger")
         return out
 
-    def observe(self, state: Mapping[str, str]) -> list[str]:
+    def observe(self, state: DeviceState) -> list[str]:
         """Takes one reading; returns the problems that start with it."""
-        for zone, value in _temps(state).items():
-            self.first_temp.setdefault(zone, float(value))
+        for zone, value in state.temperatures_c().items():
+            self.first_temp.setdefault(zone, value)
         found = self.problems(state)
-        self.top_mhz = max(self.top_mhz, _top_mhz(state))
-        if (status := _charging(state)) is not None:
+        self.top_mhz = max(self.top_mhz, state.top_mhz())
+        if (status := state.battery_status()) is not None:
             self.charging = status
         new = [text for kind, text in found.items() if kind not in self.active]
         self.active = set(found) - {"power"}  # a charger change is an event, not a condition
@@ -86,34 +85,6 @@ class DeviceWatch:
         self.warnings.extend(new)
         return new
 
-    def is_hot(self, state: Mapping[str, str]) -> bool:
+    def is_hot(self, state: DeviceState) -> bool:
         """Still too hot or throttled to measure (what a cool-down waits out)."""
         return bool({"heat", "clock"} & set(self.problems(state)))
-
-
-def _temps(state: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in state.items()
-            if (k.startswith("temp_c.") or k.endswith(".temp_c")) and _is_number(v)}
-
-
-def _top_mhz(state: Mapping[str, str]) -> float:
-    return max((float(v) for k, v in state.items()
-                if k.startswith("freq_mhz.") and _is_number(v)), default=0.0)
-
-
-def _load1(state: Mapping[str, str]) -> float | None:
-    first = state.get("loadavg", "").split()[:1]
-    return float(first[0]) if first and _is_number(first[0]) else None
-
-
-def _charging(state: Mapping[str, str]) -> str | None:
-    statuses = [v for k, v in sorted(state.items()) if k.endswith(".status")]
-    return statuses[0] if statuses else None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -631,19 +631,19 @@ def _materialize(u: FusionUnit, key: _Key) -> tuple[LayerSpec, ...]:
     else:
         new_shape = (shape[0], in_c, *shape[2:])
     is_conv = c.op is OpKind.CONV2D
-    core = LayerSpec(
-        c.op,
-        new_shape,
-        out_c if is_conv or c.op is OpKind.LINEAR else c.out_channels,
-        c.kernel,
-        c.stride,
-        c.padding,
-        c.dilation,
-        in_c if is_conv and u.is_depthwise else c.groups,
-        c.bias,
-        c.batch_norm,
-        c.activation,
-        False,
+    core = LayerSpec(  # by keyword: a field added to LayerSpec later cannot shift the others
+        op=c.op,
+        input_shape=new_shape,
+        out_channels=out_c if is_conv or c.op is OpKind.LINEAR else c.out_channels,
+        kernel=c.kernel,
+        stride=c.stride,
+        padding=c.padding,
+        dilation=c.dilation,
+        groups=in_c if is_conv and u.is_depthwise else c.groups,
+        bias=c.bias,
+        batch_norm=c.batch_norm,
+        activation=c.activation,
+        residual=False,
     )
     return build_specs(core, u.activation, u.residual_add)
 
@@ -656,14 +656,15 @@ def _materialize_node(u: FusionUnit, ins: tuple[int, ...], outs: tuple[int, ...]
     for j, k in enumerate(u.operand_index):
         o = operands[k]
         if o.kind == "input" and len(o.shape) > 1:
-            operands[k] = NodeOperand(o.kind, (o.shape[0], ins[j] * u.scales[j], *o.shape[2:]))
+            operands[k] = NodeOperand(kind=o.kind,
+                                      shape=(o.shape[0], ins[j] * u.scales[j], *o.shape[2:]))
     template_c = c.out_shapes[0][1]
     scale = u.scales[u.carry_from] if u.rule == "carry" else 1
     new_c = outs[0] * scale
     fed = set(u.operand_index)
     for k, o in enumerate(operands):  # per-channel weights (a BatchNormalization's)
         if k not in fed and o.kind == "weight" and o.shape == (template_c,):
-            operands[k] = NodeOperand("weight", (new_c,))
+            operands[k] = NodeOperand.weight((new_c,))
     out_shape = c.out_shapes[0]
     return dataclasses.replace(
         c, input_shape=operands[0].shape, operands=tuple(operands),

@@ -177,21 +177,22 @@ def build_specs(
 
 
 def _with(core: LayerSpec, activation: Activation, residual: bool) -> LayerSpec:
-    """`core` with activation and residual set (dataclasses.replace, without its overhead)."""
+    """`core` with activation and residual set (dataclasses.replace, without its overhead).
+    By keyword: a field added to LayerSpec later cannot shift the others."""
     c = core
     return LayerSpec(
-        c.op,
-        c.input_shape,
-        c.out_channels,
-        c.kernel,
-        c.stride,
-        c.padding,
-        c.dilation,
-        c.groups,
-        c.bias,
-        c.batch_norm,
-        activation,
-        residual,
+        op=c.op,
+        input_shape=c.input_shape,
+        out_channels=c.out_channels,
+        kernel=c.kernel,
+        stride=c.stride,
+        padding=c.padding,
+        dilation=c.dilation,
+        groups=c.groups,
+        bias=c.bias,
+        batch_norm=c.batch_norm,
+        activation=activation,
+        residual=residual,
     )
 
 
