@@ -45,9 +45,15 @@ def local_ray() -> Iterator[None]:
     token = Path(temp) / "auth_token"
     token.write_text(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             object_store_memory=200 * 1024**2,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+                 object_store_memory=200 * 1024**2,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    except Exception as error:
+        logs = sorted(Path(temp).glob("session_*/logs/*"))
+        tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                          for p in logs if p.suffix in (".out", ".err", ".log") and p.stat().st_size)
+        raise RuntimeError(f"Ray did not start: {error}\n{tails}") from error
     try:
         yield
     finally:
