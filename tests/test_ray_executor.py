@@ -45,15 +45,7 @@ def local_ray() -> Iterator[None]:
     token = Path(temp) / "auth_token"
     token.write_text(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-                 object_store_memory=200 * 1024**2,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    except Exception as error:
-        logs = sorted(Path(temp).glob("session_*/logs/*"))
-        tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
-                          for p in logs if p.suffix in (".out", ".err", ".log") and p.stat().st_size)
-        raise RuntimeError(f"Ray did not start: {error}\n{tails}") from error
+    _start_ray(temp)
     try:
         yield
     finally:
@@ -64,6 +56,26 @@ def local_ray() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _start_ray(temp: str, attempts: int = 3) -> None:
+    """Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a loaded 2-core
+    machine that can pass. Try again from a clean start, then fail with Ray's own log tails."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+                     object_store_memory=200 * 1024**2,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            return
+        except Exception as error:
+            ray.shutdown()
+            if attempt < attempts and "timed out during startup" in str(error):
+                continue
+            logs = sorted(Path(temp).glob("session_*/logs/*"))
+            tails = "\n".join(
+                f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                for p in logs if p.suffix in (".out", ".err", ".log") and p.stat().st_size)
+            raise RuntimeError(f"Ray did not start ({attempt} tries): {error}\n{tails}") from error
 
 
 def _context(splits: DataSplits, train: object = None) -> ProposalContext:
