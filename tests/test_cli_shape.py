@@ -61,3 +61,36 @@ def test_every_option_of_every_command_has_help() -> None:
                for a in p._actions if a.option_strings and not a.help]
     assert not missing, missing
     assert len(parsers) >= 15  # the commands themselves were found
+
+
+def test_one_set_of_device_options_in_every_command_line() -> None:
+    """`--device`, `--token-file`, `--threads`, `--provider` (and `--tls-root-cert` where the
+    command connects with it): the same flags, defaults and help in netadapt-host's commands
+    and netadapt-bench; netadapt-deploy's `--threads` (the daemon's default) is the same too."""
+    from host.cli import netadapt_bench, netadapt_deploy
+
+    host = _subparsers(build_parser())
+    deploy = _subparsers(netadapt_deploy.build_parser())["deploy"]
+    commands = {"netadapt-bench": netadapt_bench.build_parser(), "adapt": host["adapt"],
+                "lut build": host["lut build"], "lut validate": host["lut validate"]}
+
+    def options(p: argparse.ArgumentParser) -> dict[str, tuple[object, ...]]:
+        return {a.option_strings[-1]: (a.default, a.help, a.type, a.metavar)
+                for a in p._actions if a.option_strings}
+
+    shared = ("--device", "--token-file", "--threads", "--provider")
+    seen = {name: {k: v for k, v in options(p).items() if k in shared}
+            for name, p in commands.items()}
+    first = seen["netadapt-bench"]
+    assert set(first) == set(shared)
+    assert all(s == first for s in seen.values()), seen
+    assert first["--threads"][0] == 1
+    assert options(deploy)["--threads"] == first["--threads"]
+    tls = {name: options(p).get("--tls-root-cert") for name, p in commands.items()
+           if name != "adapt"}
+    assert len(set(tls.values())) == 1 and None not in tls.values(), tls
+    # bench measures on one device: two are refused before anything is started.
+    err = io.StringIO()
+    code = netadapt_bench.main(["--device", "127.0.0.1:9", "--device", "127.0.0.1:8", "info"],
+                               out=io.StringIO(), err=err)
+    assert code == 2 and "--device was given 2 times" in err.getvalue()

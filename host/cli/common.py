@@ -1,25 +1,29 @@
-"""Options and error handling shared by the `netadapt-host` commands: which model, which
-devices, which session; and the one place exceptions become a one-line message and an exit
-code."""
+"""Options and error handling shared by the command lines: the one set of device options
+(`netadapt-host`'s commands and `netadapt-bench`; `netadapt-deploy` shares `--threads`), which
+model, and the one place exceptions become a one-line message and an exit code."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from device_server.errors import InvalidConfigError
 from device_server.spec import DEFAULT_PROVIDER, SessionSpec
 from host.device.client import DeviceError
-from host.device.connect import TokenFileError, read_token
+from host.device.connect import TokenFileError, open_pool, read_token
 from host.device.local_daemon import DaemonStartError
-from host.device.pool import FingerprintMismatch
+from host.device.pool import DevicePool, FingerprintMismatch
 
 __all__ = ["CliParser", "CommandError", "DefaultsHelpFormatter", "EXIT_DEVICE", "EXIT_USAGE",
            "EXIT_NOT_SERVING",
-           "add_device_options",
+           "add_device_options", "add_threads_option", "positive_int", "pool_from_args",
+           "tls_root_cert_from_args",
+           "DEFAULT_THREADS",
            "add_protocol_options", "protocol_from_args",
            "add_model_options", "load_network_from_args", "session_from_args",
            "token_from_args", "run_command", "parse_shape", "parse_command_line"]
@@ -81,13 +85,54 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="size of the model's classifier output")
 
 
-def add_device_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", action="append", default=[], metavar="HOST:PORT",
-                   help="a measurement daemon; repeat for a pool of alike devices (default: "
-                        "start one on loopback)")
-    p.add_argument("--token-file", help="bearer token for the daemons")
-    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
-    p.add_argument("--provider", default=DEFAULT_PROVIDER, help="execution provider")
+DEFAULT_THREADS = 1  # what netadapt-device serve measures with unless a request says otherwise
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_threads_option(group: Any, default: object = DEFAULT_THREADS) -> None:
+    """`--threads`, the same in every command line (a table is valid only for its count)."""
+    group.add_argument("--threads", type=positive_int, metavar="N", default=default,
+                       help=f"ONNX Runtime intra-op threads per measurement (default "
+                            f"{DEFAULT_THREADS}: measure with the count you will deploy with)")
+
+
+def add_device_options(p: argparse.ArgumentParser, *, suppress: bool = False,
+                       tls: bool = False) -> None:
+    """The one set of device options: which daemons, how to reach them, which session.
+
+    Args:
+        suppress: give every option the default SUPPRESS (for a sub-command's copy of options
+            also accepted before it: what was given before is then kept).
+        tls: add `--tls-root-cert` (for commands that connect with `pool_from_args` or honour
+            it themselves).
+    """
+
+    def d(value: object) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("device and session")
+    g.add_argument("--device", action="append", default=d([]), metavar="HOST:PORT",
+                   help="a measurement daemon; repeat for a pool of alike devices where the "
+                        "command measures on several (default: start one on loopback for the "
+                        "run)")
+    g.add_argument("--token-file", metavar="FILE", default=d(None),
+                   help="file holding the daemons' bearer token")
+    if tls:
+        g.add_argument("--tls-root-cert", metavar="PEM", default=d(None),
+                       help="root certificate to verify TLS daemons")
+    add_threads_option(g, default=d(DEFAULT_THREADS))
+    g.add_argument("--provider", metavar="P", default=d(DEFAULT_PROVIDER),
+                   help="ONNX Runtime execution provider, e.g. CPU or XnnpackExecutionProvider")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -136,13 +181,30 @@ def token_from_args(args: argparse.Namespace) -> str | None:
     return read_token(args.token_file) if args.token_file else None
 
 
+def tls_root_cert_from_args(args: argparse.Namespace) -> str | None:
+    """`--tls-root-cert`, checked to be a file (CommandError otherwise)."""
+    path: str | None = getattr(args, "tls_root_cert", None)
+    if path and not os.path.isfile(path):
+        raise CommandError(f"cannot read --tls-root-cert {path}: no such file")
+    return path
+
+
 def session_from_args(args: argparse.Namespace) -> SessionSpec:
     if args.threads < 1:
         raise CommandError("--threads must be >= 1")
     provider = args.provider
     if not provider.endswith("ExecutionProvider"):
-        provider = f"{provider}ExecutionProvider"
+        provider = f"{provider}ExecutionProvider"  # "CPU" -> "CPUExecutionProvider"
     return SessionSpec(provider=provider, intra_op_threads=args.threads)
+
+
+@contextlib.contextmanager
+def pool_from_args(args: argparse.Namespace, timeout_s: float = 120.0) -> Iterator[DevicePool]:
+    """The devices the options name (`--device`, `--token-file`, `--tls-root-cert`), or a
+    daemon started on loopback with `--threads` when none is named."""
+    with open_pool(args.device, token_from_args(args), args.threads, timeout_s=timeout_s,
+                   tls_root_cert=tls_root_cert_from_args(args)) as pool:
+        yield pool
 
 
 def load_network_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -18,12 +18,11 @@ from host.cli.common import (
     add_model_options,
     add_protocol_options,
     load_network_from_args,
+    pool_from_args,
     protocol_from_args,
     session_from_args,
-    token_from_args,
 )
 from host.device.client import DeviceError
-from host.device.connect import open_pool
 from host.device.plan_estimate import estimate_plan, format_duration
 from host.device.pool import DevicePool
 from host.device.table_builder import DriftGuard, NoiseGuard, build_table, identity_for
@@ -64,7 +63,7 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     b = cmds.add_parser("build", help="measure every unit a network may need")
     add_model_options(b)
-    add_device_options(b)
+    add_device_options(b, tls=True)
     _add_lut_path(b)
     b.add_argument("--step", type=int, default=8, help="channel grid step (default 8)")
     b.add_argument("--max-keys", type=int, default=DEFAULT_MAX_KEYS,
@@ -88,7 +87,7 @@ def add_lut_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     v = cmds.add_parser("validate", help="estimates vs whole-network measurements")
     add_model_options(v)
-    add_device_options(v)
+    add_device_options(v, tls=True)
     _add_lut_path(v)
     v.add_argument("--variants", type=int, default=20,
                    help="random pruned variants estimated and measured whole")
@@ -138,7 +137,7 @@ def _build(args: argparse.Namespace, out: TextIO) -> int:
     except PlanTooLarge as exc:
         raise CommandError(f"{network.name}: {exc}") from None
     planned_s = time.monotonic() - t0
-    with open_pool(args.device, token_from_args(args), args.threads) as pool, \
+    with pool_from_args(args) as pool, \
             open_store(args, pool, session, network.input_shape[0]) as store:
         estimate = estimate_plan(store, pool, plan.specs, plan.entries, session,
                                  passes=args.passes, seed=args.seed)
@@ -226,7 +225,7 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandError("--variants must be >= 1")
     network = load_network_from_args(args)
     session = session_from_args(args)
-    with open_pool(args.device, token_from_args(args), args.threads) as pool, \
+    with pool_from_args(args) as pool, \
             open_store(args, pool, session, network.input_shape[0]) as store:
         report = validate(store, pool, network, session, args.variants, args.seed, args.step,
                           args.calibrate, protocol_from_args(args))

@@ -1,7 +1,10 @@
 """`netadapt-bench`: time single layers, batches of layers or whole ONNX models on a device.
 
-    netadapt-bench [--device HOST:PORT] [--token-file F] [--threads N] [--provider P]
-                   [--repeat R] [--warmup W] [--json] SUBCOMMAND ...
+    netadapt-bench [--device HOST:PORT] [--token-file F] [--tls-root-cert PEM] [--threads N]
+                   [--provider P] [--repeat R] [--warmup W] [--json] SUBCOMMAND ...
+
+The device options are netadapt-host's (host/cli/common.py: the same names, defaults and help);
+bench measures on one device.
 
 Subcommands: `conv2d`, `dwconv`, `linear` (one layer), `model FILE.onnx`, `batch FILE`
 (LayerSpec dicts, one JSON object a line or one JSON list), `info`, `overhead`.
@@ -31,17 +34,21 @@ from typing import Any, TextIO
 from device_server.device_state import DeviceState
 from device_server.errors import InvalidConfigError
 from device_server.inputs import InputFeed
-from device_server.spec import DEFAULT_PROVIDER, Activation, LayerSpec, MeasurePolicy, SessionSpec
+from device_server.spec import Activation, LayerSpec, MeasurePolicy, SessionSpec
 from host.cli.common import (
     EXIT_DEVICE,
     CliParser,
     CommandError,
+    add_device_options,
     parse_command_line,
+    positive_int,
     run_command,
+    session_from_args,
+    tls_root_cert_from_args,
+    token_from_args,
 )
 from host.cli.table import format_ms, format_table
 from host.device.client import DeviceClient, DeviceError, DeviceInfo, MeasureFailure, Measurement
-from host.device.connect import TokenFileError, read_token
 from host.device.local_daemon import start_local_daemon
 from host.device.summary import clusters_line, pinning_line
 
@@ -63,14 +70,7 @@ _Parser = CliParser
 
 
 # -- argument types --------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = positive_int
 
 
 def _non_negative_float(text: str) -> float:
@@ -159,17 +159,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def d(value: object) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    g = parser.add_argument_group("device and measurement options")
-    g.add_argument("--device", metavar="HOST:PORT", default=d(None),
-                   help="daemon to measure on (default: start one on loopback for this run)")
-    g.add_argument("--token-file", metavar="F", default=d(None),
-                   help="file holding the daemon's bearer token")
-    g.add_argument("--tls-root-cert", metavar="PEM", default=d(None),
-                   help="root certificate to verify a TLS daemon")
-    g.add_argument("--threads", type=_positive_int, metavar="N", default=d(None),
-                   help="intra-op threads (default: the daemon's --threads)")
-    g.add_argument("--provider", metavar="P", default=d(DEFAULT_PROVIDER),
-                   help="ONNX Runtime execution provider, e.g. CPU or XnnpackExecutionProvider")
+    add_device_options(parser, suppress=suppress, tls=True)
+    g = parser.add_argument_group("measurement options")
     g.add_argument("--repeat", type=_positive_int, metavar="R", default=d(_DEFAULT_POLICY.repeat),
                    help=f"timed samples (default {_DEFAULT_POLICY.repeat})")
     g.add_argument("--warmup", type=_positive_int, metavar="W",
@@ -382,20 +373,6 @@ def _check_self_contained(path: str, data: bytes) -> None:
         raise InputError(f"{path}: {exc}") from None
 
 
-def _read_token(path: str) -> str:
-    try:
-        return read_token(path)
-    except TokenFileError as exc:
-        raise InputError(str(exc)) from None
-
-
-def _session(args: argparse.Namespace) -> SessionSpec:
-    provider = args.provider
-    if not provider.endswith("ExecutionProvider"):
-        provider = f"{provider}ExecutionProvider"  # "CPU" -> "CPUExecutionProvider"
-    return SessionSpec(provider=provider, intra_op_threads=args.threads or 0)
-
-
 def _policy(args: argparse.Namespace) -> MeasurePolicy:
     policy = MeasurePolicy(
         warmup_runs=args.warmup,
@@ -513,7 +490,7 @@ _Job = Callable[[DeviceClient, str], int]
 
 def _prepare(args: argparse.Namespace, out: TextIO, err: TextIO) -> _Job:
     """Reads files and validates configs first, so bad input fails before a daemon starts."""
-    session = _session(args)
+    session = session_from_args(args)
     policy = _policy(args)
     timeout_s = args.timeout or None
 
@@ -634,12 +611,13 @@ def _label(r: Measurement | MeasureFailure) -> str:
 def _connect(args: argparse.Namespace, token: str | None) -> Iterator[tuple[DeviceClient, str]]:
     timeout_s = args.timeout or 120.0
     if args.device:
-        with DeviceClient(args.device, token=token, tls_root_cert=args.tls_root_cert,
+        (address,) = args.device  # one: checked before anything was read
+        with DeviceClient(address, token=token, tls_root_cert=tls_root_cert_from_args(args),
                           timeout_s=timeout_s) as client:
-            yield client, args.device
+            yield client, address
         return
     logger.info("no --device: starting a daemon on loopback for this run")
-    with start_local_daemon(threads=args.threads or 1, token=token) as daemon:
+    with start_local_daemon(threads=args.threads, token=token) as daemon:
         with daemon.client(timeout_s=timeout_s) as client:
             yield client, f"{daemon.address} (local daemon)"
 
@@ -654,9 +632,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return args
 
     def run() -> int:
-        token = _read_token(args.token_file) if args.token_file else None
-        if args.tls_root_cert and not os.path.isfile(args.tls_root_cert):
-            raise InputError(f"cannot read --tls-root-cert {args.tls_root_cert}: no such file")
+        if len(args.device) > 1:
+            raise InputError(f"netadapt-bench measures on one device; --device was given "
+                             f"{len(args.device)} times")
+        token = token_from_args(args)
+        tls_root_cert_from_args(args)
         job = _prepare(args, out, err)
         with _connect(args, token) as (client, address):
             return job(client, address)

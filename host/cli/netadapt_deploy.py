@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import TextIO
 
 from device_server.cpu_topology import format_cpu_list, parse_cpu_list
-from host.cli.common import EXIT_DEVICE, EXIT_NOT_SERVING, EXIT_USAGE, CliParser, parse_command_line
+from host.cli.common import (
+    EXIT_DEVICE,
+    EXIT_NOT_SERVING,
+    EXIT_USAGE,
+    CliParser,
+    add_threads_option,
+    parse_command_line,
+)
 from host.deploy import wheels
 from host.deploy.adb import AdbError
 from host.deploy.bundle import BundleError, device_requirements
@@ -54,12 +61,6 @@ _Parser = CliParser
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {text!r}")
-    return int(text)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 
@@ -104,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "ssh, 127.0.0.1 over adb)")
             p.add_argument("--local-port", type=_port,
                            help="adb: the host port forwarded to the daemon (default --port)")
-            p.add_argument("--threads", type=_positive, default=1,
-                           help="the daemon's default intra-op threads (default 1)")
+            add_threads_option(p)  # the daemon's default: what a request without one gets
             p.add_argument("--cpus", type=_cpus, metavar="LIST",
                            help="pin the daemon to these CPUs, e.g. 4-7 for a phone's big "
                                 "cores (netadapt-bench info lists the clusters)")

@@ -32,8 +32,10 @@ def read_token(path: str) -> str:
 
 @contextlib.contextmanager
 def open_pool(addresses: Sequence[str], token: str | None = None, threads: int = 1,
-              timeout_s: float = 120.0) -> Iterator[DevicePool]:
-    """A pool over `addresses`, or over a loopback daemon started for the body when empty.
+              timeout_s: float = 120.0,
+              tls_root_cert: str | None = None) -> Iterator[DevicePool]:
+    """A pool over `addresses` (TLS-verified with `tls_root_cert` when given), or over a
+    loopback daemon started for the body when empty.
 
     Raises:
         DeviceError: a device cannot be reached (the message names it).
@@ -41,7 +43,8 @@ def open_pool(addresses: Sequence[str], token: str | None = None, threads: int =
         DaemonStartError: the loopback daemon did not start.
     """
     if addresses:
-        with DevicePool.connect(addresses, token=token, timeout_s=timeout_s) as pool:
+        with DevicePool.connect(addresses, token=token, timeout_s=timeout_s,
+                                tls_root_cert=tls_root_cert) as pool:
             yield pool
         return
     log.info("no --device: starting a daemon on loopback for this run")

@@ -69,8 +69,9 @@ class DevicePool:
 
     @classmethod
     def connect(cls, addresses: Sequence[str], token: str | None = None,
-                timeout_s: float = 60.0) -> DevicePool:
-        clients = [DeviceClient(a, token=token, timeout_s=timeout_s) for a in addresses]
+                timeout_s: float = 60.0, tls_root_cert: str | None = None) -> DevicePool:
+        clients = [DeviceClient(a, token=token, tls_root_cert=tls_root_cert,
+                                timeout_s=timeout_s) for a in addresses]
         try:
             return cls(clients)
         except BaseException:
