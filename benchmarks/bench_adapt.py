@@ -1,22 +1,37 @@
-"""`make bench-adapt`: NetAdapt on the built-in MNIST task, against what an indirect metric and
-uniform width multipliers reach at the same latency budgets, over several seeds.
+"""`make bench-adapt`: NetAdapt driven by the latency table against the same engine driven by
+MACs, Torch-Pruning's global magnitude pruner and uniform width, at equal total training, on
+two built-in tasks, over several seeds; with the diagnosis of every NetAdapt run.
 
-Network: MobileNetV1 (width `--width`, first conv at stride 1, 1x28x28) trained `--base-epochs`
-with Adam on the 3,500-image train split; 500 holdout images select proposals; 1,000 test images
-are only used for the figures below. ORT CPU provider, one thread, through a loopback daemon.
-Per seed (base model, proposals and fine-tuning all seeded by it), for each budget (fraction of
-the original's measured latency):
-  * NetAdapt driven by the latency lookup table (on-demand, calibrated),
-  * the same engine driven by MACs (proposals sized by MACs; stopping still by latency),
-  * uniform width from the base: every group cut by the same fraction (largest that meets the
-    budget by the table's estimate), BN re-estimated and fine-tuned for as many steps as the
-    NetAdapt run's chosen path got (its short-term steps per iteration plus the long epoch),
-  * uniform width from scratch: the same architecture, freshly initialised and trained for the
-    base model's epochs plus that same fine-tuning (equal total training).
-Every final network of a seed and the original are measured in one interleaved pass (5 rounds),
-so drift of this shared machine hits them alike. Reported per seed and aggregated over seeds:
-test accuracy, measured latency and speedup, estimate vs measured, and where NetAdapt's time
-went; and the largest measured speedup at <= 0.5 point test-accuracy loss.
+Tasks (`--tasks`):
+  * mnist28: MobileNetV1 width 0.5 (first conv at stride 1) on 1x28x28 MNIST 5k (3,500 train,
+    500 holdout to select proposals, 1,000 test only for the figures). The fast one.
+  * clutter64-v2 / clutter64-v3s: MobileNetV2 width 0.35 / torchvision's MobileNetV3-Small on
+    `mnist_clutter_64` (the same digits at random places on 64x64 canvases with clutter; stride-2
+    stem, so the layers run at 32x32 .. 2x2, closer to a phone's shapes).
+ORT CPU provider, one thread, through a loopback daemon.
+
+Per task and seed (base model, proposals, fine-tuning all seeded by it) and budget (a fraction of
+the original's latency, measured once per seed so every method gets the same milliseconds):
+  * NetAdapt variants (`--variants`): `latency` (the table) and `macs` (proposals sized by MACs,
+    stopping still by measured latency) by default; a variant is NAME[:field=value,...] over
+    AdaptConfig's fields (e.g. `latency-r025:initial_reduction=0.025,short_term_steps=20`).
+  * tp: Torch-Pruning's global magnitude pruner (GroupMagnitudeImportance p=2, `round_to` the
+    channel grid), its pruning ratio bisected until the table's estimate meets the budget.
+  * uniform: every group cut by the same fraction (5% steps), from the base.
+  * scratch: uniform's architecture trained from fresh weights.
+Equal training: every final network of a (seed, budget) gets the same number of optimiser steps
+in total, base training included. NetAdapt's chosen path gets short-term steps x iterations plus
+the long-term fine-tune; the total T is the largest path over the variants (or base +
+`--finetune-steps` when that is more), and every other
+network is fine-tuned (NetAdapt variants: topped up at the long-term rate) until it has T. The
+steps of each run are reported, split by kind. Every final network of a seed and the original
+are measured in one interleaved pass, so drift of this shared machine hits them alike.
+
+Diagnosis per NetAdapt run (`diagnosis` in the JSON, a summary printed): iterations, short-term
+steps on the chosen path, which groups were pruned and how far, each step in filters (and as a
+fraction of the group), holdout accuracy after BN re-estimation vs after fine-tuning, and the
+noise of the table keys each choice rested on (the 95% half-widths of the unit timings that the
+step changed, combined as independent, over the step's latency saving in the raw sum).
 """
 
 from __future__ import annotations
@@ -25,24 +40,28 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from device_server.spec import SessionSpec
+from device_server.spec import LayerSpec, SessionSpec
 from host.data import DataSplits, load_dataset
 from host.device.local_daemon import start_local_daemon
 from host.device.pool import DevicePool
 from host.device.table_builder import ensure_overhead, identity_for
 from host.device.whole_model import measure_networks
 from host.engine.config import AdaptConfig, Budget
-from host.engine.netadapt import NetAdapt
+from host.engine.netadapt import AdaptResult, NetAdapt
+from host.graph.groups import current_config
 from host.graph.onnx_export import export_onnx
 from host.graph.surgery import uniform_width_config
 from host.lut_validation import calibrate, on_demand
@@ -55,6 +74,171 @@ from lut.store import LutStore
 
 SESSION = SessionSpec(intra_op_threads=1)
 BATCH = 64
+STEP = 8  # channel grid of every method
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    data: str
+    model: str
+    model_kwargs: dict[str, Any]
+    base_epochs: int
+
+
+TASKS = {
+    "mnist28": Task("mnist_5k", "mobilenet_v1", {"width_mult": 0.5}, 5),
+    "clutter64-v2": Task("mnist_clutter_64", "mobilenet_v2", {"width_mult": 0.35}, 5),
+    "clutter64-v3s": Task("mnist_clutter_64", "torchvision:mobilenet_v3_small", {}, 5),
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """`NAME[:field=value,...]` -> (NAME, AdaptConfig overrides); the metric defaults to the
+    name's first word (latency / macs / params)."""
+    name, _, rest = text.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(AdaptConfig)}
+    out: dict[str, Any] = {"metric": name.split("-")[0]}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"variant {text!r}: AdaptConfig has no field {key!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return name, out
+
+
+# -- the diagnosis of one NetAdapt run ---------------------------------------------------------
+def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: LutStore,
+             short_term_steps: int,
+             remeasure: Callable[[Sequence[LayerSpec]], Mapping[LayerSpec, float]] | None = None
+             ) -> dict[str, Any]:
+    """What the run did, step by step, from its history (see the module docstring).
+
+    With `remeasure` (a fetch into a scratch table: a fresh device session), the unit keys each
+    step changed are measured again, and the step's saving recomputed from them: how far a
+    second session moves the numbers a choice rested on (a stored key's own 95% interval only
+    says how well one session pinned it down).
+    """
+    full = network.full_config()
+    configs = [dict(full)] + [dict(r.channels) for r in res.history]
+    changes = []
+    for before, after in zip(configs, configs[1:], strict=False):
+        b, a = set(network.specs(before)), set(network.specs(after))
+        changes.append((b - a, a - b))
+    again: Mapping[LayerSpec, float] = {}
+    if remeasure is not None and changes:
+        again = remeasure(list(dict.fromkeys(s for old, new in changes for s in (*old, *new))))
+    prev_acc = res.original_holdout_accuracy
+    steps: list[dict[str, Any]] = []
+    for rec, before, (gone, added) in zip(res.history, configs[:-1], changes, strict=True):
+        g = rec.group_id
+        saved_ms = est.raw_sum(list(gone)) - est.raw_sum(list(added))
+        halfwidths = []
+        for spec in (*gone, *added):
+            t = store.get(spec)
+            if t is not None and t.ci_high_ms > 0:
+                halfwidths.append((t.ci_high_ms - t.ci_low_ms) / 2)
+        ci_ms = math.sqrt(sum(h * h for h in halfwidths)) if halfwidths else float("nan")
+        saved_again = (sum(again[x] for x in gone) - sum(again[x] for x in added)
+                       if again else float("nan"))
+        chosen = next((p for p in rec.proposals if p["group_id"] == g), {})
+        steps.append({
+            "iteration": rec.iteration, "group": g, "root": rec.group_root,
+            "from": before[g], "to": rec.channels[g], "filters": before[g] - rec.channels[g],
+            "fraction_of_group": (before[g] - rec.channels[g]) / before[g],
+            "partial": bool(chosen.get("partial", False)),
+            "latency_saved_ms": saved_ms, "key_ci_ms": ci_ms,
+            "ci_over_saving": ci_ms / saved_ms if saved_ms > 0 else float("inf"),
+            "latency_saved_again_ms": saved_again,
+            "second_session_change": (abs(saved_again - saved_ms) / saved_ms
+                                      if saved_ms > 0 else float("inf")),
+            "keys_changed": len(gone) + len(added),
+            "holdout_before": prev_acc, "after_bn": rec.accuracy_after_bn,
+            "after_finetune": rec.holdout_accuracy, "proposals": len(rec.proposals),
+        })
+        prev_acc = rec.holdout_accuracy
+    last = configs[-1]
+    groups = {str(gid): [full[gid], last[gid]] for gid in sorted(full) if last[gid] != full[gid]}
+
+    def med(xs: Sequence[float]) -> float | None:
+        xs = [x for x in xs if math.isfinite(x)]
+        return statistics.median(xs) if xs else None
+
+    def top(xs: Sequence[float]) -> float | None:
+        xs = [x for x in xs if math.isfinite(x)]
+        return max(xs) if xs else None
+
+    return {
+        "iterations": res.iterations,
+        "short_term_steps_on_path": short_term_steps * res.iterations,
+        "groups_pruned": groups,  # id -> [original, final] channels
+        "filters_per_step_median": med([s["filters"] for s in steps]),
+        "filters_per_step_max": top([s["filters"] for s in steps]),
+        "fraction_per_step_median": med([s["fraction_of_group"] for s in steps]),
+        "fraction_per_step_max": top([s["fraction_of_group"] for s in steps]),
+        "bn_drop_median": med([s["holdout_before"] - s["after_bn"] for s in steps]),
+        "finetune_recovery_median": med([s["after_finetune"] - s["after_bn"] for s in steps]),
+        "ci_over_saving_median": med([s["ci_over_saving"] for s in steps]),
+        "second_session_change_median": med([s["second_session_change"] for s in steps]),
+        "second_session_change_max": top([s["second_session_change"] for s in steps]),
+        "partial_steps": sum(s["partial"] for s in steps),
+        "steps": steps,
+    }
+
+
+def _print_diagnosis(label: str, d: dict[str, Any]) -> None:
+    def f(x: Any, spec: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    print(f"  {label}: {d['iterations']} iterations, {d['short_term_steps_on_path']} short-term "
+          f"steps on the path; filters/step median {f(d['filters_per_step_median'], '.0f')} "
+          f"max {f(d['filters_per_step_max'], '.0f')} (of the group: median "
+          f"{f(d['fraction_per_step_median'], '.0%')}, max {f(d['fraction_per_step_max'], '.0%')})"
+          f"; holdout drop after BN (median) {f(d['bn_drop_median'])}, recovered by fine-tuning "
+          f"{f(d['finetune_recovery_median'])}; keys' 95% half-width / step saving median "
+          f"{f(d['ci_over_saving_median'], '.3f')}; saving re-measured in a second session "
+          f"moves by median {f(d['second_session_change_median'], '.0%')} max "
+          f"{f(d['second_session_change_max'], '.0%')}"
+          f"; partial steps {d['partial_steps']}", flush=True)
+    print("    groups pruned (original -> final): "
+          + ", ".join(f"{g}:{a}->{b}" for g, (a, b) in d["groups_pruned"].items()), flush=True)
+
+
+# -- peers -------------------------------------------------------------------------------------
+def tp_global_magnitude(network: Network, est: LatencyEstimator, budget_ms: float,
+                        num_classes: int) -> tuple[nn.Module, float, float]:
+    """Torch-Pruning's global magnitude pruner, its ratio bisected to the budget's estimate.
+
+    Returns:
+        (the pruned copy, the pruning ratio, its estimate in ms).
+    """
+    example = torch.randn(network.input_shape)
+
+    def prune(ratio: float) -> tuple[nn.Module, float]:
+        model = copy.deepcopy(network.model).eval()
+        heads = [m for m in model.modules()
+                 if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        pruner = tp.pruner.MagnitudePruner(
+            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True, pruning_ratio=ratio, round_to=STEP, ignored_layers=heads)
+        pruner.step()
+        return model, est.estimate(network.specs(current_config(model, network.groups)))
+
+    lo, hi = 0.0, 0.95
+    best = prune(hi)
+    if best[1] > budget_ms:
+        return best[0], hi, best[1]
+    best_ratio = hi
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        model, ms = prune(mid)
+        if ms <= budget_ms:
+            hi, best, best_ratio = mid, (model, ms), mid
+        else:
+            lo = mid
+    return best[0], best_ratio, best[1]
 
 
 def _reinitialised(model: nn.Module, seed: int) -> nn.Module:
@@ -69,74 +253,129 @@ def _reinitialised(model: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def _run_seed(seed: int, args: argparse.Namespace, splits: DataSplits, pool: DevicePool,
-              store: LutStore) -> dict[str, Any]:
-    base = pretrained_base("mobilenet_v1", "mnist_5k", args.workdir / "cache",
-                           TrainConfig(epochs=args.base_epochs, lr=2e-3, seed=seed),
-                           splits=splits, progress=False, width_mult=args.width)
-    network: Network = analyse("mobilenet_v1", base.model, (1, *splits.input_shape))
+# -- one seed of one task ----------------------------------------------------------------------
+def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataSplits,
+              pool: DevicePool, store: LutStore) -> dict[str, dict[str, Any]]:
+    task = TASKS[task_name]
+    base_epochs = args.base_epochs or task.base_epochs
+    base = pretrained_base(task.model, task.data, args.workdir / "cache",
+                           TrainConfig(epochs=base_epochs, lr=2e-3, seed=seed),
+                           splits=splits, progress=False, **task.model_kwargs)
+    network: Network = analyse(task.model, base.model, (1, *splits.input_shape))
     calibrate(store, pool, network, SESSION, 10, seed)
     est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
                                       architecture=architecture_of(network.specs()))
     per_epoch = len(splits.train) // BATCH  # type: ignore[arg-type]
+    base_steps = base_epochs * per_epoch
+    # The original measured once: every method of this seed resolves a budget to the same ms.
+    original_ms = measure_networks(pool.clients[0], [export_onnx(network.model,
+                                                                 network.input_shape)],
+                                   SESSION).figure(0).value
+    # A scratch table: the keys each chosen step changed, measured again after the run.
+    again_path = args.workdir / f"remeasured-{task_name}-seed{seed}.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{again_path}{suffix}").unlink(missing_ok=True)
+    again = LutStore.open(again_path, identity_for(pool.info, SESSION))
+    remeasure = on_demand(again, pool, SESSION)
     finals: dict[str, dict[str, Any]] = {}
     for budget in args.budgets:
-        for metric in args.metrics:
-            name = f"netadapt-{metric}@{budget}"
-            config = AdaptConfig(Budget(fraction=budget), metric=metric,
-                                 initial_reduction=args.initial_reduction,
-                                 short_term_steps=args.short_term_steps, bn_batches=10,
-                                 long_term_epochs=1, seed=seed, workers=args.workers,
-                                 batch_size=BATCH)
+        budget_ms = budget * original_ms
+        runs: dict[str, dict[str, Any]] = {}
+        for text in args.variants:
+            vname, overrides = parse_variant(text)
+            kw: dict[str, Any] = dict(
+                initial_reduction=args.initial_reduction, short_term_steps=args.short_term_steps,
+                bn_batches=10, long_term_epochs=1, seed=seed, workers=args.workers,
+                batch_size=BATCH, step=STEP, selection=args.selection, max_cut=args.max_cut)
+            kw.update(overrides)
+            config = AdaptConfig(Budget(fraction=budget), **kw)
+            name = f"netadapt-{vname}@{budget}"
             engine = NetAdapt(network, splits, est, pool, SESSION, config,
-                              args.workdir / f"seed{seed}" / name.replace("@", "_"),
-                              progress=False)
+                              args.workdir / task_name / f"seed{seed}" / name.replace("@", "_"),
+                              progress=False, original_ms=original_ms)
             shutil.rmtree(engine.workdir, ignore_errors=True)
             t0 = time.monotonic()
             res = engine.run()
-            finals[name] = {
+            diag = diagnose(res, network, est, store, config.short_term_steps, remeasure)
+            runs[name] = {
                 "model": engine.final_model, "estimated_ms": res.estimated_latency_ms,
-                "test_accuracy": res.final_accuracy, "iterations": res.iterations,
-                "budget_ms": res.budget_ms, "seconds": time.monotonic() - t0,
-                "timings_s": dict(engine.timings),
-                "finetune_steps": args.short_term_steps * res.iterations + per_epoch,
-                "proposals": sum(len(r.proposals) for r in res.history),
+                "test_accuracy_before_top_up": res.final_accuracy,
+                "holdout_accuracy_before_top_up": res.final_holdout_accuracy,
+                "iterations": res.iterations, "budget_ms": res.budget_ms,
+                "seconds": time.monotonic() - t0, "timings_s": dict(engine.timings),
+                "config": {k: v for k, v in dataclasses.asdict(config).items()
+                           if k not in ("budget",)},
+                "train_steps": {"base": base_steps,
+                                "short_term": config.short_term_steps * res.iterations,
+                                "long_term": config.long_term_epochs * per_epoch},
+                "lr_top_up": config.lr / 2, "diagnosis": diag,
             }
-            print(f"seed {seed} {name}", {k: v for k, v in finals[name].items()
-                                          if k != "model"}, flush=True)
-        ref = finals[f"netadapt-{args.metrics[0]}@{budget}"]
-        for frac in [x / 100 for x in range(100, 4, -5)]:
-            cfg = uniform_width_config(network.groups, frac, round_to=8)
-            if est.estimate(network.specs(cfg)) <= ref["budget_ms"]:
-                break
-        steps = ref["finetune_steps"]
-        model = network.pruned(cfg)
-        recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
-        fine_tune(model, splits.train, steps, TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH))
-        finals[f"uniform@{budget}"] = {
-            "model": model, "fraction": frac, "estimated_ms": est.estimate(network.specs(cfg)),
-            "test_accuracy": evaluate(model, splits.test), "finetune_steps": steps}
-        scratch = _reinitialised(model, seed)
-        total = args.base_epochs * per_epoch + steps
-        train_model(scratch, splits.train, TrainConfig(lr=2e-3, seed=seed, batch_size=BATCH,
-                                                       max_steps=total), progress=False)
-        finals[f"scratch@{budget}"] = {
-            "model": scratch, "fraction": frac,
-            "estimated_ms": finals[f"uniform@{budget}"]["estimated_ms"],
-            "test_accuracy": evaluate(scratch, splits.test), "train_steps": total}
+            print(f"{task_name} seed {seed} {name}: {res.iterations} iterations, "
+                  f"{runs[name]['seconds']:.0f} s, test {res.final_accuracy:.4f} before top-up",
+                  flush=True)
+            _print_diagnosis(name, diag)
+        total = max([sum(r["train_steps"].values()) for r in runs.values()]
+                    + [base_steps + args.finetune_steps])
+        for r in runs.values():  # equal training: top up to the longest path
+            extra = total - sum(r["train_steps"].values())
+            if extra > 0:
+                fine_tune(r["model"], splits.train, extra,
+                          TrainConfig(lr=r.pop("lr_top_up"), seed=seed, batch_size=BATCH))
+            else:
+                r.pop("lr_top_up")
+            r["train_steps"]["top_up"] = extra
+            r["test_accuracy"] = evaluate(r["model"], splits.test)
+        finals.update(runs)
+        ft = total - base_steps
+        if "tp" in args.peers:
+            model, tp_ratio, ms = tp_global_magnitude(network, est, budget_ms,
+                                                      splits.num_classes)
+            recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
+            fine_tune(model, splits.train, ft, TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH))
+            finals[f"tp-global-magnitude@{budget}"] = {
+                "model": model, "pruning_ratio": tp_ratio, "estimated_ms": ms,
+                "test_accuracy": evaluate(model, splits.test),
+                "train_steps": {"base": base_steps, "fine_tune": ft}}
+        if "uniform" in args.peers or "scratch" in args.peers:
+            for frac in [x / 100 for x in range(100, 4, -5)]:
+                cfg = uniform_width_config(network.groups, frac, round_to=STEP)
+                if est.estimate(network.specs(cfg)) <= budget_ms:
+                    break
+            uniform = network.pruned(cfg)
+            uni_ms = est.estimate(network.specs(cfg))
+            if "uniform" in args.peers:
+                model = copy.deepcopy(uniform)
+                recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
+                fine_tune(model, splits.train, ft,
+                          TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH))
+                finals[f"uniform@{budget}"] = {
+                    "model": model, "fraction": frac, "estimated_ms": uni_ms,
+                    "test_accuracy": evaluate(model, splits.test),
+                    "train_steps": {"base": base_steps, "fine_tune": ft}}
+            if "scratch" in args.peers:
+                scratch = _reinitialised(uniform, seed)
+                train_model(scratch, splits.train, TrainConfig(
+                    lr=2e-3, seed=seed, batch_size=BATCH, max_steps=total), progress=False)
+                finals[f"scratch@{budget}"] = {
+                    "model": scratch, "fraction": frac, "estimated_ms": uni_ms,
+                    "test_accuracy": evaluate(scratch, splits.test),
+                    "train_steps": {"scratch": total}}
+    again.close()
     names = ["original", *finals]
     models = [network.model] + [f["model"] for f in finals.values()]
     blobs = [export_onnx(m, network.input_shape) for m in models]
     # Every final network and the original in the same interleaved rounds; speedups from the
     # per-round ratios (host/device/whole_model.py).
     rounds = measure_networks(pool.clients[0], blobs, SESSION)
-    original_ms = rounds.figure(0).value
     rows: dict[str, dict[str, Any]] = {"original": {
-        "test_accuracy": evaluate(network.model, splits.test), "measured_ms": original_ms,
-        "estimated_ms": est.estimate(network.specs())}}
+        "test_accuracy": evaluate(network.model, splits.test),
+        "measured_ms": rounds.figure(0).value, "measured_at_start_ms": original_ms,
+        "estimated_ms": est.estimate(network.specs()),
+        "train_steps": {"base": base_steps}}}
     for i, name in enumerate(names[1:], start=1):
         fig, ratio = rounds.figure(i), rounds.ratio(i, 0)
         row = {k: v for k, v in finals[name].items() if k != "model"}
+        row["train_steps"]["total"] = sum(row["train_steps"].values())
         row["measured_ms"] = fig.value
         row["measured_interval_ms"] = [fig.low, fig.high]
         row["speedup"] = 1 / ratio.value
@@ -144,22 +383,23 @@ def _run_seed(seed: int, args: argparse.Namespace, splits: DataSplits, pool: Dev
         row["estimate_error"] = (row["estimated_ms"] - fig.value) / fig.value
         rows[name] = row
     for name, row in rows.items():
-        print(f"seed {seed} {name:<24} test {row['test_accuracy']:.4f}  measured "
+        print(f"{task_name} seed {seed} {name:<34} test {row['test_accuracy']:.4f}  measured "
               f"{row['measured_ms']:.4f} ms  est {row['estimated_ms']:.4f} ms"
-              + (f"  speedup {row['speedup']:.2f}x" if "speedup" in row else ""), flush=True)
+              + (f"  speedup {row['speedup']:.2f}x" if "speedup" in row else "")
+              + f"  train steps {row['train_steps'].get('total', base_steps)}", flush=True)
     return rows
 
 
-def _summary(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def summarise(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean, min and max over seeds per method; criterion 1 per seed."""
     names = list(next(iter(per_seed.values())))
     out: dict[str, Any] = {}
     for name in names:
-        accs = [rows[name]["test_accuracy"] for rows in per_seed.values()]
-        speedups = [rows[name].get("speedup", 1.0) for rows in per_seed.values()]
+        accs = [rows[name]["test_accuracy"] for rows in per_seed.values() if name in rows]
+        speedups = [rows[name].get("speedup", 1.0) for rows in per_seed.values() if name in rows]
         out[name] = {"test_accuracy_mean": statistics.mean(accs),
                      "test_accuracy_min": min(accs), "test_accuracy_max": max(accs),
-                     "speedup_median": statistics.median(speedups)}
-    # Criterion 1: the largest measured speedup of a latency-driven result within 0.5 point.
+                     "speedup_median": statistics.median(speedups), "seeds": len(accs)}
     best = {}
     for seed, rows in per_seed.items():
         ok = [r["speedup"] for n, r in rows.items() if n.startswith("netadapt-latency")
@@ -177,30 +417,29 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"netadapt-latency": ("tab:blue", "o", "NetAdapt, latency LUT"),
-              "netadapt-macs": ("tab:orange", "s", "same engine, MACs"),
-              "uniform": ("tab:green", "^", "uniform width, from the base"),
-              "scratch": ("tab:gray", "v", "uniform width, from scratch")}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, (color, marker, label) in styles.items():
-        xs, ys = [], []
-        for rows in results["per_seed"].values():
-            for name, row in rows.items():
-                if name.split("@")[0] == method:
-                    xs.append(row["speedup"])
-                    ys.append(100 * row["test_accuracy"])
-        ax.scatter(xs, ys, c=color, marker=marker, label=label, alpha=0.8)
-    originals = [100 * rows["original"]["test_accuracy"]
-                 for rows in results["per_seed"].values()]
-    ax.axhline(statistics.mean(originals), color="k", lw=0.8, ls="--",
-               label="original (mean over seeds)")
-    ax.axhline(statistics.mean(originals) - 0.5, color="k", lw=0.5, ls=":",
-               label="original - 0.5 point")
-    ax.set_xlabel("measured speedup over the original (ORT CPU, 1 thread)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"MobileNetV1 on MNIST 5k, seeds {', '.join(map(str, results['per_seed']))}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        per_seed = results["tasks"][task]["per_seed"]
+        methods = sorted({n.split("@")[0] for rows in per_seed.values() for n in rows
+                          if n != "original"})
+        markers = "osD^vP*Xh"
+        for k, method in enumerate(methods):
+            xs, ys = [], []
+            for rows in per_seed.values():
+                for name, row in rows.items():
+                    if name.split("@")[0] == method:
+                        xs.append(row["speedup"])
+                        ys.append(100 * row["test_accuracy"])
+            ax.scatter(xs, ys, marker=markers[k % len(markers)], label=method, alpha=0.8)
+        originals = [100 * rows["original"]["test_accuracy"] for rows in per_seed.values()]
+        ax.axhline(statistics.mean(originals), color="k", lw=0.8, ls="--",
+                   label="original (mean over seeds)")
+        ax.set_xlabel("measured speedup over the original (ORT CPU, 1 thread)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}, seeds {', '.join(map(str, per_seed))}, equal training")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,41 +447,62 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="*", default=["mnist28", "clutter64-v2"],
+                        choices=sorted(TASKS))
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.75, 0.5, 0.35])
-    parser.add_argument("--metrics", nargs="*", default=["latency", "macs"])
+    parser.add_argument("--variants", nargs="*", default=["latency", "macs"],
+                        help="NetAdapt variants: NAME[:field=value,...] (AdaptConfig fields)")
+    parser.add_argument("--peers", nargs="*", default=["tp", "uniform", "scratch"],
+                        choices=["tp", "uniform", "scratch"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--base-epochs", type=int, default=5)
+    parser.add_argument("--base-epochs", type=int, default=0, help="0: the task's own")
     parser.add_argument("--short-term-steps", type=int, default=10)
     parser.add_argument("--initial-reduction", type=float, default=0.05)
+    parser.add_argument("--selection", default="accuracy", choices=["accuracy", "ratio"])
+    parser.add_argument("--max-cut", type=float, default=1.0)
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="every final network gets at least base + this many steps (so "
+                             "runs split over several invocations train alike); the longest "
+                             "NetAdapt path sets it when longer")
     parser.add_argument("--workers", type=int, default=2, help="local proposal workers")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, the 50%% budget, latency vs MACs vs Torch-Pruning")
     parser.add_argument("--workdir", type=Path, default=Path("bench-results/adapt"))
     parser.add_argument("--out", type=Path, default=Path("bench-results/adapt.json"))
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budgets, args.peers = args.seeds[:1], [0.5], ["tp"]
     png = args.out.with_suffix(".png")
     if args.plot_only:
         plot(json.loads(args.out.read_text()), png)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    splits = load_dataset("mnist_5k", seed=0)
-    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    results: dict[str, Any] = {"conditions": dataclasses.asdict(SESSION) | {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "tasks": {}}
     t0 = time.monotonic()
     with start_local_daemon(threads=1) as daemon, DevicePool([daemon.client()]) as pool, \
             LutStore.open(args.workdir / "lut.sqlite", identity_for(pool.info, SESSION)) as store:
         ensure_overhead(store, pool, SESSION)
-        for seed in args.seeds:
-            per_seed[seed] = _run_seed(seed, args, splits, pool, store)
-            results = {"conditions": dataclasses.asdict(SESSION) | {
-                           "width": args.width, "base_epochs": args.base_epochs,
-                           "short_term_steps": args.short_term_steps,
-                           "initial_reduction": args.initial_reduction, "seeds": args.seeds},
-                       "per_seed": per_seed, "summary": _summary(per_seed),
-                       "seconds": time.monotonic() - t0}
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2, default=str))  # after every seed
-            plot(json.loads(args.out.read_text()), png)
-    print(json.dumps(results["summary"], indent=2))
+        for task_name in args.tasks:
+            splits = load_dataset(TASKS[task_name].data, seed=0)
+            per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+            for seed in args.seeds:
+                per_seed[str(seed)] = _run_seed(task_name, seed, args, splits, pool, store)
+                results["tasks"][task_name] = {"per_seed": per_seed,
+                                               "summary": summarise(per_seed)}
+                results["seconds"] = time.monotonic() - t0
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2, default=str))  # every seed
+                plot(json.loads(args.out.read_text()), png)
+    for task_name, r in results["tasks"].items():
+        print(task_name)
+        for name, s in r["summary"].items():
+            if "test_accuracy_mean" in s:
+                print(f"  {name:<34} test mean {s['test_accuracy_mean']:.4f} "
+                      f"[{s['test_accuracy_min']:.4f}, {s['test_accuracy_max']:.4f}] over "
+                      f"{s['seeds']} seeds, speedup median {s['speedup_median']:.2f}x")
+        print(f"  speedup at <= 0.5 point loss: {r['summary']['speedup_at_half_point_loss']}")
     return 0
 
 
