@@ -44,6 +44,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -271,11 +272,10 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
     original_ms = measure_networks(pool.clients[0], [export_onnx(network.model,
                                                                  network.input_shape)],
                                    SESSION).figure(0).value
-    # A scratch table: the keys each chosen step changed, measured again after the run.
-    again_path = args.workdir / f"remeasured-{task_name}-seed{seed}.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{again_path}{suffix}").unlink(missing_ok=True)
-    again = LutStore.open(again_path, identity_for(pool.info, SESSION))
+    # A scratch table of this process: the keys each chosen step changed, measured again
+    # after the run (the figures go into the JSON).
+    again_dir = tempfile.TemporaryDirectory(dir=args.workdir, prefix="remeasured-")
+    again = LutStore.open(Path(again_dir.name) / "lut.sqlite", identity_for(pool.info, SESSION))
     remeasure = on_demand(again, pool, SESSION)
     finals: dict[str, dict[str, Any]] = {}
     for budget in args.budgets:
@@ -361,6 +361,7 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
                     "test_accuracy": evaluate(scratch, splits.test),
                     "train_steps": {"scratch": total}}
     again.close()
+    again_dir.cleanup()
     names = ["original", *finals]
     models = [network.model] + [f["model"] for f in finals.values()]
     blobs = [export_onnx(m, network.input_shape) for m in models]
