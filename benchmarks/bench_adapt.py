@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,9 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
     configs = [dict(full)] + [dict(r.channels) for r in res.history]
     changes = []
     for before, after in zip(configs, configs[1:], strict=False):
-        b, a = set(network.specs(before)), set(network.specs(after))
-        changes.append((b - a, a - b))
+        # Multisets: identical units (same shapes) occur several times in one network.
+        b, a = Counter(network.specs(before)), Counter(network.specs(after))
+        changes.append((list((b - a).elements()), list((a - b).elements())))
     again: Mapping[LayerSpec, float] = {}
     if remeasure is not None and changes:
         again = remeasure(list(dict.fromkeys(s for old, new in changes for s in (*old, *new))))
@@ -135,7 +137,7 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
     steps: list[dict[str, Any]] = []
     for rec, before, (gone, added) in zip(res.history, configs[:-1], changes, strict=True):
         g = rec.group_id
-        saved_ms = est.raw_sum(list(gone)) - est.raw_sum(list(added))
+        saved_ms = est.raw_sum(gone) - est.raw_sum(added)
         halfwidths = []
         for spec in (*gone, *added):
             t = store.get(spec)
