@@ -60,6 +60,14 @@ class DeviceIdentity:
     pinned_cpus: tuple[int, ...] = ()  # the daemon's CPU affinity, as probed at start
 
     @property
+    def confined_to(self) -> tuple[int, ...]:
+        """The cores the daemon is confined to, for a timing's conditions: () when its affinity
+        covers every core it knows of (not pinned)."""
+        every = {cpu for c in self.clusters for cpu in c.cpus} or set(range(self.cpu_count))
+        pinned = set(self.pinned_cpus)
+        return tuple(sorted(pinned)) if pinned and pinned < every else ()
+
+    @property
     def cpu_signature(self) -> str:
         """Which kind of core each CPU is: '0-3=0x41:0xd46 r1p1;4-7=…'. Clock speeds are left
         out (a cpufreq driver that fails to load must not make a new device)."""

@@ -72,8 +72,10 @@ def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class Measurer:
-    def __init__(self, fingerprint: str, default_threads: int, limits: Limits) -> None:
+    def __init__(self, fingerprint: str, default_threads: int, limits: Limits,
+                 pinned_cpus: tuple[int, ...] = ()) -> None:
         self.fingerprint = fingerprint
+        self.pinned_cpus = pinned_cpus  # part of every timing's conditions
         self.default_threads = default_threads
         self.limits = limits
         self.queue = DeviceQueue(limits.max_queue_depth)
@@ -232,6 +234,7 @@ class Measurer:
             intra_op_threads=resolved.intra_op_threads,
             graph_optimization=resolved.graph_optimization.value,
             provider_options=resolved.provider_options,
+            pinned_cpus=self.pinned_cpus,
         )
         return Timed(timing=timing, conditions=conditions, started_unix_ns=started,
                      finished_unix_ns=finished, config_hash=config_hash, state=read_state(),

@@ -114,7 +114,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     identity = probe_identity()
-    measurer = Measurer(identity.fingerprint, config.threads, config.limits)
+    measurer = Measurer(identity.fingerprint, config.threads, config.limits,
+                        pinned_cpus=identity.confined_to)
     try:
         return _start(config, identity, measurer)
     except BaseException:

@@ -76,6 +76,9 @@ class Conditions:
     intra_op_threads: int
     graph_optimization: str
     provider_options: tuple[tuple[str, str], ...] = field(default=())
+    # The cores the daemon is confined to (`serve --cpus`); () when it may run on every core.
+    # On a big.LITTLE phone the same layer differs several-fold between clusters.
+    pinned_cpus: tuple[int, ...] = field(default=())
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -328,6 +328,7 @@ def conditions_to_proto(c: Conditions) -> pb.Conditions:
         provider_options=dict(c.provider_options),
         intra_op_threads=c.intra_op_threads,
         graph_optimization=_OPT[GraphOptimization(c.graph_optimization)],
+        pinned_cpus=list(c.pinned_cpus),
     )
 
 
@@ -340,6 +341,7 @@ def conditions_from_proto(msg: pb.Conditions) -> Conditions:
         intra_op_threads=msg.intra_op_threads,
         graph_optimization=level.value,
         provider_options=tuple(sorted(msg.provider_options.items())),
+        pinned_cpus=tuple(msg.pinned_cpus),
     )
 
 

@@ -60,9 +60,11 @@ _ROW_COLUMNS = ("kind", "op", "label", "macs", *_TIMING_FIELDS, *_ROBUST_FIELDS,
                 "key", "samples_ms")
 _IDENTITY_COLUMNS = (
     "device_fingerprint", "ort_version", "provider", "intra_op_threads", "graph_optimization",
-    "provider_options", "batch_size",
+    "provider_options", "pinned_cpus", "batch_size",
 )  # fmt: skip
 CSV_COLUMNS = (*_ROW_COLUMNS, *_IDENTITY_COLUMNS)
+# Exports from before the pinned cores were a condition lack that column: read as unpinned.
+_OPTIONAL_COLUMNS = frozenset({"pinned_cpus"})
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def export_csv(store: LutStore, path: str | Path, *, kind: str | None = None) ->
     path = Path(path)
     ident = store.identity.to_dict()
     ident["provider_options"] = json.dumps(ident["provider_options"], sort_keys=True)
+    ident["pinned_cpus"] = json.dumps(ident["pinned_cpus"])
     n = 0
     with _atomic_text(path) as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
@@ -260,7 +263,8 @@ def _read_csv(path: Path) -> LutExport:
     try:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            absent = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
+            absent = [c for c in CSV_COLUMNS
+                      if c not in (reader.fieldnames or ()) and c not in _OPTIONAL_COLUMNS]
             if absent:
                 raise LutCorruptError(
                     f"{path}: missing CSV columns {', '.join(absent)}: not a netadapt LUT export"
@@ -268,8 +272,9 @@ def _read_csv(path: Path) -> LutExport:
             for rec in reader:
                 where = f"{path}:{reader.line_num}"
                 try:
-                    ident: dict[str, Any] = {c: rec[c] for c in _IDENTITY_COLUMNS}
+                    ident: dict[str, Any] = {c: rec[c] for c in _IDENTITY_COLUMNS if c in rec}
                     ident["provider_options"] = json.loads(rec["provider_options"] or "{}")
+                    ident["pinned_cpus"] = json.loads(rec.get("pinned_cpus") or "[]")
                     row_identity = LutIdentity.from_dict(ident)
                 except (ValueError, TypeError) as exc:
                     raise LutCorruptError(f"{where}: bad identity columns ({exc})") from None

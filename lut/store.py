@@ -97,7 +97,8 @@ class LutIdentity:
         c = self.conditions
         options = tuple(sorted((str(k), str(v)) for k, v in c.provider_options))
         object.__setattr__(self, "conditions", dataclasses.replace(
-            c, provider_options=options, intra_op_threads=int(c.intra_op_threads)))
+            c, provider_options=options, intra_op_threads=int(c.intra_op_threads),
+            pinned_cpus=tuple(sorted(int(cpu) for cpu in c.pinned_cpus))))
         object.__setattr__(self, "batch_size", int(self.batch_size))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -112,6 +113,7 @@ class LutIdentity:
         """JSON-ready form, flat; provider options become an object."""
         out: dict[str, object] = self._flat()
         out["provider_options"] = dict(self.conditions.provider_options)
+        out["pinned_cpus"] = list(self.conditions.pinned_cpus)
         return out
 
     @classmethod
@@ -122,7 +124,7 @@ class LutIdentity:
             ValueError: a field is missing, unknown or of the wrong type.
         """
         names = {f.name for f in fields(Conditions)} | {"batch_size"}
-        missing = sorted(names - set(d) - {"provider_options", "batch_size"})
+        missing = sorted(names - set(d) - {"provider_options", "batch_size", "pinned_cpus"})
         unknown = sorted(set(d) - names)
         if missing or unknown:
             raise ValueError(f"identity fields missing: {missing}, unknown: {unknown}")
@@ -144,6 +146,8 @@ class LutIdentity:
             intra_op_threads=int(d["intra_op_threads"]),
             graph_optimization=str(d["graph_optimization"]),
             provider_options=pairs,
+            # Tables from before pinning was a condition were measured unpinned or not at all.
+            pinned_cpus=tuple(int(c) for c in d.get("pinned_cpus") or ()),
         )
         return cls(conditions=conditions, batch_size=int(d.get("batch_size", 1)))
 
@@ -166,6 +170,7 @@ class LutIdentity:
         return (
             f"{c.device_fingerprint} ort {c.ort_version} {c.provider} "
             f"threads={threads} opt={c.graph_optimization} batch={self.batch_size}"
+            + (f" cpus={','.join(map(str, c.pinned_cpus))}" if c.pinned_cpus else "")
         )
 
 

@@ -269,3 +269,29 @@ def test_info_lists_the_clusters_and_the_pinned_cores() -> None:
         with pinned.client() as a, free.client() as b:
             assert a.device_info().fingerprint == b.device_info().fingerprint
 
+
+
+def test_the_pinned_cores_are_a_condition_of_every_timing_and_table(tmp_path: Path) -> None:
+    """A table measured on a daemon pinned to cpu0 is not silently reused by an unpinned one
+    (on a big.LITTLE phone the clusters differ several-fold); both sides name the cores."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("pinning is only visible with two or more CPUs")
+    from device_server.spec import LayerSpec, SessionSpec
+    from host.device.table_builder import identity_for
+    from lut.errors import LutConditionsMismatch
+    from lut.store import LutStore
+
+    spec = LayerSpec.create("conv2d", (1, 8, 8, 8), out_channels=8, kernel=3, padding=1)
+    with start_local_daemon(cpus=[0]) as pinned, start_local_daemon() as free:
+        with pinned.client() as a, free.client() as b:
+            assert a.measure(spec).conditions.pinned_cpus == (0,)
+            assert b.measure(spec).conditions.pinned_cpus == ()
+            ours, theirs = (identity_for(c.device_info(), SessionSpec()) for c in (a, b))
+    assert ours.conditions.pinned_cpus == (0,) and theirs.conditions.pinned_cpus == ()
+    assert "cpus=0" in ours.describe()
+    path = tmp_path / "pinned.sqlite"
+    LutStore.open(path, ours).close()
+    with LutStore.open(path, ours) as store:  # the identity survives the file
+        assert store.identity == ours
+    with pytest.raises(LutConditionsMismatch, match="pinned_cpus"):
+        LutStore.open(path, theirs)

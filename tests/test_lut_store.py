@@ -143,8 +143,12 @@ def test_identity_normalises_provider_options() -> None:
     assert a.to_dict() == {"device_fingerprint": "test-device-1", "ort_version": "1.20.0",
                            "provider": "CPUExecutionProvider", "intra_op_threads": 1,
                            "graph_optimization": "enable_all",
-                           "provider_options": {"a": "1", "b": "2"}, "batch_size": 1}
+                           "provider_options": {"a": "1", "b": "2"}, "pinned_cpus": [],
+                           "batch_size": 1}
     assert LutIdentity(conditions=CONDITIONS, batch_size=4).conditions == CONDITIONS
+    # A table from before the pinned cores were a condition opens as measured unpinned.
+    old = {k: v for k, v in a.to_dict().items() if k != "pinned_cpus"}
+    assert LutIdentity.from_dict(old) == a
 
 
 def test_missing_file_not_created(tmp_path: Path) -> None:
@@ -411,6 +415,25 @@ def test_export_import_round_trip(tmp_path: Path, fmt: str) -> None:
         again = import_file(export, b, overwrite=True)
         assert (again.new, again.skipped, again.replaced) == (0, 0, 7)
         assert list(b.all_rows()) == expected  # timings, kinds, timestamps and labels exact
+
+
+def test_a_csv_export_from_before_pinned_cores_were_a_condition_imports(tmp_path: Path) -> None:
+    import csv
+
+    export = tmp_path / "new.csv"
+    with _sample_store(tmp_path / "a.sqlite") as a:
+        export_csv(a, export)
+    with export.open(newline="") as f:
+        records = list(csv.DictReader(f))
+    assert {r["pinned_cpus"] for r in records} == {"[]"}
+    old = tmp_path / "old.csv"
+    with old.open("w", newline="") as f:
+        columns = [c for c in records[0] if c != "pinned_cpus"]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    with LutStore.open(tmp_path / "b.sqlite", IDENT) as b:
+        assert import_file(old, b).new == 7
 
 
 def test_json_export_carries_identity_and_version(tmp_path: Path) -> None:

@@ -61,8 +61,8 @@ class DeviceInfo:
     @property
     def pinned(self) -> bool:
         """Whether the daemon runs on a subset of the cores (`serve --cpus`)."""
-        every = {cpu for c in self.clusters for cpu in c.cpus}
-        return bool(self.pinned_cpus) and bool(every) and set(self.pinned_cpus) < every
+        every = {cpu for c in self.clusters for cpu in c.cpus} or set(range(self.cpu_count))
+        return bool(self.pinned_cpus) and set(self.pinned_cpus) < every
 
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)

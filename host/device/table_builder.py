@@ -60,6 +60,7 @@ def identity_for(info: DeviceInfo, session: SessionSpec, batch_size: int = 1) ->
         intra_op_threads=resolved.intra_op_threads,
         graph_optimization=resolved.graph_optimization.value,
         provider_options=resolved.provider_options,
+        pinned_cpus=tuple(sorted(info.pinned_cpus)) if info.pinned else (),
     )
     return LutIdentity(conditions=conditions, batch_size=batch_size)
 
