@@ -64,8 +64,8 @@ def test_every_option_of_every_command_has_help() -> None:
 
 
 def test_one_set_of_device_options_in_every_command_line() -> None:
-    """`--device`, `--token-file`, `--threads`, `--provider` (and `--tls-root-cert` where the
-    command connects with it): the same flags, defaults and help in netadapt-host's commands
+    """`--device`, `--token-file`, `--threads`, `--provider`, `--tls-root-cert`: the same flags,
+    defaults and help in netadapt-host's commands
     and netadapt-bench; netadapt-deploy's `--threads` (the daemon's default) is the same too."""
     from host.cli import netadapt_bench, netadapt_deploy
 
@@ -86,8 +86,7 @@ def test_one_set_of_device_options_in_every_command_line() -> None:
     assert all(s == first for s in seen.values()), seen
     assert first["--threads"][0] == 1
     assert options(deploy)["--threads"] == first["--threads"]
-    tls = {name: options(p).get("--tls-root-cert") for name, p in commands.items()
-           if name != "adapt"}
+    tls = {name: options(p).get("--tls-root-cert") for name, p in commands.items()}
     assert len(set(tls.values())) == 1 and None not in tls.values(), tls
     # bench measures on one device: two are refused before anything is started.
     err = io.StringIO()

@@ -74,3 +74,45 @@ def test_tls_serves_and_plaintext_clients_fail(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as exc:
                 _info(pb_grpc.DeviceServiceStub(channel), None)
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_adapt_reaches_a_tls_daemon_with_its_root_certificate(tmp_path: Path) -> None:
+    """`netadapt-host adapt --tls-root-cert` connects over TLS: it gets far enough to read the
+    device's identity (and refuse a table of another device); without the certificate it stops
+    in one line, before any training or output."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    from device_server.stats import Conditions
+    from host.cli.netadapt_host import main as host_main
+    from host.models.registry import build_model_for
+    from lut.store import LutIdentity, LutStore
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
+    other = LutIdentity(conditions=Conditions(
+        device_fingerprint="0123456789abcdef", ort_version=ort.__version__,
+        provider="CPUExecutionProvider", intra_op_threads=1, graph_optimization="enable_all"))
+    LutStore.open(tmp_path / "t.sqlite", other).close()
+    config = ServerConfig(host="127.0.0.1", tls_cert=str(cert), tls_key=str(key), grace_s=0.5)
+    with running_server(config) as server:
+        base = ["adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint", str(ckpt),
+                "--device", server.address, "--workdir", str(tmp_path / "run"),
+                "--lut", str(tmp_path / "t.sqlite")]
+        err = io.StringIO()
+        code = host_main([*base, "--tls-root-cert", str(cert)], out=io.StringIO(), err=err)
+        assert code == 1 and "device_fingerprint" in err.getvalue(), err.getvalue()
+        err = io.StringIO()
+        code = host_main(base, out=io.StringIO(), err=err)
+        assert code == 1 and server.address in err.getvalue(), err.getvalue()
+        assert err.getvalue().count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -23,12 +23,11 @@ from host.cli.common import (
     DefaultsHelpFormatter,
     add_device_options,
     add_protocol_options,
+    pool_from_args,
     protocol_from_args,
     session_from_args,
-    token_from_args,
 )
 from host.cli.lut import announce_on_demand, open_store
-from host.device.connect import open_pool
 from host.device.table_builder import ensure_overhead
 from host.device.watch import DeviceWatch
 from host.engine.config import AdaptConfig, Budget
@@ -147,7 +146,7 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="use a table measured under other conditions (with a warning)")
     p.add_argument("--json", action="store_true",
                    help="print summary.json instead of the one-line summary (no progress lines)")
-    add_device_options(p)
+    add_device_options(p, tls=True)
     add_protocol_options(p)
     p.set_defaults(run=_adapt)
 
@@ -222,7 +221,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
     network = analyse(args.model, build_model_for(args.model, splits.input_shape,
                                                   splits.num_classes, **dict(args.model_arg)),
                       (1, *splits.input_shape))
-    with open_pool(args.device, token_from_args(args), args.threads) as pool:
+    with pool_from_args(args) as pool:
         network = network.with_model(_base_model(args, splits))
         if args.overwrite and workdir.exists():
             shutil.rmtree(workdir)
