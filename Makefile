@@ -7,7 +7,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTHON   := $(BIN)/python
 
-.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-scale bench-models bench-run bench-protocol \
+.PHONY: run test lint typecheck protos bench-device bench-lut bench-adapt bench-adapt-quick bench-scale bench-models bench-run bench-protocol \
 	bench-reliability \
 	clean help
 
@@ -82,6 +82,10 @@ bench-lut: $(STAMP) protos
 
 bench-adapt: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_adapt.py --out bench-results/adapt.json
+
+# One seed, the 50% budget: latency vs MACs vs Torch-Pruning on both tasks.
+bench-adapt-quick: $(STAMP) protos
+	$(PYTHON) benchmarks/bench_adapt.py --quick --out bench-results/adapt-quick.json
 
 bench-scale: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_scale.py --out bench-results/scale.json
