@@ -88,3 +88,22 @@ class KillOnce(Dataset[Any]):
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable")
+
+
+def tiny_checkpoint_and_foreign_table(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny_cnn checkpoint (8x8 digits) and an empty table of another device: an `adapt` that
+    reaches the daemon reads its identity and refuses the table, before any training."""
+    import onnxruntime as ort
+
+    from device_server.stats import Conditions
+    from host.models.registry import build_model_for
+    from lut.store import LutIdentity, LutStore
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
+    other = LutIdentity(conditions=Conditions(
+        device_fingerprint="0123456789abcdef", ort_version=ort.__version__,
+        provider="CPUExecutionProvider", intra_op_threads=1, graph_optimization="enable_all"))
+    table = tmp_path / "t.sqlite"
+    LutStore.open(table, other).close()
+    return ckpt, table

@@ -56,8 +56,9 @@ def test_non_loopback_bind_needs_token_tls_or_insecure() -> None:
         create_server(ServerConfig(host="0.0.0.0"))
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_serves_and_plaintext_clients_fail(tmp_path: Path) -> None:
+def _tls_config(tmp_path: Path) -> tuple[ServerConfig, Path]:
+    """A loopback daemon's TLS configuration with a fresh self-signed certificate, and the
+    certificate (the client's root)."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
@@ -66,6 +67,16 @@ def test_tls_serves_and_plaintext_clients_fail(tmp_path: Path) -> None:
         check=True, capture_output=True,
     )
     config = ServerConfig(host="127.0.0.1", tls_cert=str(cert), tls_key=str(key), grace_s=0.5)
+    return config, cert
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="needs the openssl command")
+
+
+@needs_openssl
+def test_tls_serves_and_plaintext_clients_fail(tmp_path: Path) -> None:
+    config, cert = _tls_config(tmp_path)
     with running_server(config) as server:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(server.address, creds) as channel:
@@ -76,38 +87,22 @@ def test_tls_serves_and_plaintext_clients_fail(tmp_path: Path) -> None:
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@needs_openssl
 def test_adapt_reaches_a_tls_daemon_with_its_root_certificate(tmp_path: Path) -> None:
     """`netadapt-host adapt --tls-root-cert` connects over TLS: it gets far enough to read the
     device's identity (and refuse a table of another device); without the certificate it stops
     in one line, before any training or output."""
     import io
 
-    import onnxruntime as ort
-    import torch
-
-    from device_server.stats import Conditions
     from host.cli.netadapt_host import main as host_main
-    from host.models.registry import build_model_for
-    from lut.store import LutIdentity, LutStore
+    from tests.helpers_engine import tiny_checkpoint_and_foreign_table
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
-    ckpt = tmp_path / "tiny.pt"
-    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
-    other = LutIdentity(conditions=Conditions(
-        device_fingerprint="0123456789abcdef", ort_version=ort.__version__,
-        provider="CPUExecutionProvider", intra_op_threads=1, graph_optimization="enable_all"))
-    LutStore.open(tmp_path / "t.sqlite", other).close()
-    config = ServerConfig(host="127.0.0.1", tls_cert=str(cert), tls_key=str(key), grace_s=0.5)
+    config, cert = _tls_config(tmp_path)
+    ckpt, table = tiny_checkpoint_and_foreign_table(tmp_path)
     with running_server(config) as server:
         base = ["adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint", str(ckpt),
                 "--device", server.address, "--workdir", str(tmp_path / "run"),
-                "--lut", str(tmp_path / "t.sqlite")]
+                "--lut", str(table)]
         err = io.StringIO()
         code = host_main([*base, "--tls-root-cert", str(cert)], out=io.StringIO(), err=err)
         assert code == 1 and "device_fingerprint" in err.getvalue(), err.getvalue()

@@ -14,17 +14,16 @@ import pytest
 import torch
 
 from device_server.server import RunningServer
-from device_server.stats import Conditions
 from host.cli.netadapt_host import main as host_main
 from host.engine.config import Budget
 from host.engine.netadapt import BudgetUnreachable, CheckpointError, IterationRecord
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
-from lut.store import LutIdentity, LutStore
 from tests.helpers_engine import (
     small_config,
     small_engine,
     small_network,
+    tiny_checkpoint_and_foreign_table,
 )
 
 _network = small_network
@@ -183,17 +182,10 @@ def test_cli_refuses_a_checkpoint_of_another_model(daemon: RunningServer, tmp_pa
 
 
 def test_cli_refuses_a_table_of_another_device(daemon: RunningServer, tmp_path: Path) -> None:
-    from host.models.registry import build_model_for
-
-    ckpt = tmp_path / "tiny.pt"
-    torch.save(build_model_for("tiny_cnn", (1, 8, 8), 10).state_dict(), ckpt)
-    other = LutIdentity(conditions=Conditions(
-        device_fingerprint="0123456789abcdef", ort_version=ort.__version__,
-        provider="CPUExecutionProvider", intra_op_threads=1, graph_optimization="enable_all"))
-    LutStore.open(tmp_path / "t.sqlite", other).close()
+    ckpt, table = tiny_checkpoint_and_foreign_table(tmp_path)
     code, err = _cli("adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint",
                      str(ckpt), "--device", daemon.address, "--workdir", str(tmp_path / "run"),
-                     "--lut", str(tmp_path / "t.sqlite"))
+                     "--lut", str(table))
     assert code == 1 and "device_fingerprint" in err
     assert not (tmp_path / "run").exists()
 
