@@ -58,6 +58,15 @@ class CpuInfo:
     extra: dict[str, str]
 
 
+def confined_cpus(affinity: Iterable[int], clusters: Iterable[CpuCluster],
+                  cpu_count: int) -> tuple[int, ...]:
+    """The cores a process is confined to, sorted: () when its affinity covers every core known
+    (the clusters', else 0..cpu_count-1), i.e. when it is not pinned."""
+    every = {cpu for c in clusters for cpu in c.cpus} or set(range(cpu_count))
+    pinned = set(affinity)
+    return tuple(sorted(pinned)) if pinned and pinned < every else ()
+
+
 def _int(text: str) -> int | None:
     """'0x41' (hex, as the ids are printed) or '12' (decimal, as revisions are)."""
     try:

@@ -31,6 +31,7 @@ from device_server import android_props
 from device_server.cpu_topology import (
     CpuCluster,
     clusters_of,
+    confined_cpus,
     describe_clusters,
     format_cpu_list,
     parse_cpuinfo,
@@ -63,9 +64,7 @@ class DeviceIdentity:
     def confined_to(self) -> tuple[int, ...]:
         """The cores the daemon is confined to, for a timing's conditions: () when its affinity
         covers every core it knows of (not pinned)."""
-        every = {cpu for c in self.clusters for cpu in c.cpus} or set(range(self.cpu_count))
-        pinned = set(self.pinned_cpus)
-        return tuple(sorted(pinned)) if pinned and pinned < every else ()
+        return confined_cpus(self.pinned_cpus, self.clusters, self.cpu_count)
 
     @property
     def cpu_signature(self) -> str:

@@ -227,15 +227,8 @@ class Measurer:
             if not holding:
                 self.abandoned_queued += 1
             raise
-        conditions = Conditions(
-            device_fingerprint=self.fingerprint,
-            ort_version=ort.__version__,
-            provider=resolved.provider,
-            intra_op_threads=resolved.intra_op_threads,
-            graph_optimization=resolved.graph_optimization.value,
-            provider_options=resolved.provider_options,
-            pinned_cpus=self.pinned_cpus,
-        )
+        conditions = resolved.conditions(fingerprint=self.fingerprint, ort_version=ort.__version__,
+                                         pinned_cpus=self.pinned_cpus)
         return Timed(timing=timing, conditions=conditions, started_unix_ns=started,
                      finished_unix_ns=finished, config_hash=config_hash, state=read_state(),
                      queued_s=queued_s)

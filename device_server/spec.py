@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from device_server.errors import InvalidConfigError
+from device_server.stats import Conditions
 
 __all__ = [
     "OpKind",
@@ -516,6 +517,20 @@ class SessionSpec:
         if self.intra_op_threads > 0:
             return self
         return dataclasses.replace(self, intra_op_threads=default_threads)
+
+    def conditions(self, *, fingerprint: str, ort_version: str,
+                   pinned_cpus: tuple[int, ...] = ()) -> Conditions:
+        """What a timing under this session (threads resolved) on that device is valid for. The
+        daemon's replies and the host's table identities both come from here, so they agree."""
+        return Conditions(
+            device_fingerprint=fingerprint,
+            ort_version=ort_version,
+            provider=self.provider,
+            intra_op_threads=self.intra_op_threads,
+            graph_optimization=self.graph_optimization.value,
+            provider_options=self.provider_options,
+            pinned_cpus=pinned_cpus,
+        )
 
     def key(self) -> str:
         return json.dumps(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from device_server.cpu_topology import CpuCluster
+from device_server.cpu_topology import CpuCluster, confined_cpus
 from device_server.device_state import DeviceState
 from device_server.spec import LayerSpec
 from device_server.stats import Conditions, TimingStats
@@ -59,10 +59,15 @@ class DeviceInfo:
     build_fingerprint: str = ""  # Android: the OS build
 
     @property
+    def confined_to(self) -> tuple[int, ...]:
+        """The cores the daemon is confined to (`serve --cpus`), as a timing's conditions name
+        them: () when it may run on every core."""
+        return confined_cpus(self.pinned_cpus, self.clusters, self.cpu_count)
+
+    @property
     def pinned(self) -> bool:
         """Whether the daemon runs on a subset of the cores (`serve --cpus`)."""
-        every = {cpu for c in self.clusters for cpu in c.cpus} or set(range(self.cpu_count))
-        return bool(self.pinned_cpus) and set(self.pinned_cpus) < every
+        return bool(self.confined_to)
 
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from device_server.spec import LayerSpec, MeasurePolicy, SessionSpec
-from device_server.stats import Conditions, TimingStats
+from device_server.stats import TimingStats
 from host.device.client import DeviceInfo, MeasureFailure, Measurement
 from host.device.pool import DevicePool, DeviceStats
 from host.device.watch import DeviceWatch
@@ -52,16 +52,9 @@ class ProgressSink(Protocol):
 
 def identity_for(info: DeviceInfo, session: SessionSpec, batch_size: int = 1) -> LutIdentity:
     """The conditions a table built on this device with this session belongs to."""
-    resolved = session.with_threads(info.default_threads)
-    conditions = Conditions(
-        device_fingerprint=info.fingerprint,
-        ort_version=info.ort_version,
-        provider=resolved.provider,
-        intra_op_threads=resolved.intra_op_threads,
-        graph_optimization=resolved.graph_optimization.value,
-        provider_options=resolved.provider_options,
-        pinned_cpus=tuple(sorted(info.pinned_cpus)) if info.pinned else (),
-    )
+    conditions = session.with_threads(info.default_threads).conditions(
+        fingerprint=info.fingerprint, ort_version=info.ort_version,
+        pinned_cpus=info.confined_to)
     return LutIdentity(conditions=conditions, batch_size=batch_size)
 
 
