@@ -129,6 +129,8 @@ def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[st
         out[name] = {
             "median_abs_rel_error": [r[name]["median_abs_rel_error"] for r in runs],  # type: ignore[index]
             "max_abs_rel_error": [r[name]["max_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "median_abs_ratio_error": [r[name]["median_abs_ratio_error"] for r in runs],  # type: ignore[index]
+            "max_abs_ratio_error": [r[name]["max_abs_ratio_error"] for r in runs],  # type: ignore[index]
             "same_variant_max_move": max(moves),
             "same_variant_median_move": statistics.median(moves),
         }

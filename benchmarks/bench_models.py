@@ -11,7 +11,8 @@ input size 1x3x224x224:
    fitted on `--calibrate` whole networks, then `--variants` random pruned variants estimated
    from the table and measured whole on the daemon (the robust protocol of
    host/device/whole_model.py
-   with `--min-rounds`/`--max-rounds`/`--max-seconds` per call); median and max |error|;
+   with `--min-rounds`/`--max-rounds`/`--max-seconds` per call, `--repeat` samples a round);
+   median and max |error|;
 3. a `--iterations`-iteration NetAdapt run (the real engine) towards `--budget` of the measured
    latency, on 64/32/32 digits upsampled to 3x224x224 (accuracy figures mean nothing here:
    random weights, tiny data; the run shows the engine measures, estimates, prunes and
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import fcntl
 import json
 import logging
 import shutil
@@ -44,7 +47,7 @@ from host.data import DataSplits, load_sklearn_digits
 from host.device.local_daemon import start_local_daemon
 from host.device.pool import DevicePool
 from host.device.table_builder import identity_for
-from host.device.whole_model import WholeModelProtocol
+from host.device.whole_model import WHOLE_MODEL_POLICY, WholeModelProtocol
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import NetAdapt
 from host.lut_validation import on_demand, validate
@@ -135,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--calibrate", type=int, default=5)
-    parser.add_argument("--min-rounds", type=int, default=2)
-    parser.add_argument("--max-rounds", type=int, default=4)
-    parser.add_argument("--max-seconds", type=float, default=30.0,
+    # 6 rounds are the fewest with a 95% interval of the median (host/device/whole_model.py);
+    # fewer leave every calibration sample too wide to fit on.
+    parser.add_argument("--min-rounds", type=int, default=6)
+    parser.add_argument("--max-rounds", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=20,
+                        help="samples per round (the 28x28 default of 60 costs minutes at 224)")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="cap on one whole-network measurement call (all its networks)")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.9)
@@ -150,8 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    protocol = WholeModelProtocol(min_rounds=args.min_rounds, max_rounds=args.max_rounds,
-                                  max_seconds=args.max_seconds)
+    # Each model's table is deleted and rebuilt from empty: a second run on the same workdir
+    # would unlink a table under the first one's open connection (seen: a LutCorruptError).
+    lock = (args.workdir / ".lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"bench_models: another run is using {args.workdir}; give --workdir another folder",
+              file=sys.stderr)
+        return 2
+    policy = dataclasses.replace(WHOLE_MODEL_POLICY, warmup_runs=3, repeat=args.repeat)
+    protocol = WholeModelProtocol(policy=policy, min_rounds=args.min_rounds,
+                                  max_rounds=args.max_rounds, max_seconds=args.max_seconds)
     splits = digits_224(64, 32, 32)
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()},
                                "input_shape": list(SHAPE), "models": {}}
@@ -173,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=0, calibration=args.calibrate, protocol=protocol)
                     lut = {k: v for k, v in rep.to_dict().items() if k != "rows"}
                     lut["rows"] = [{k: r[k] for k in ("estimated_ms", "measured_ms",
-                                                      "rel_error", "rounds", "tight")}
+                                                      "rel_error", "rounds", "tight",
+                                                      "measured_ratio", "ratio_rel_error")}
                                    for r in rep.to_dict()["rows"]]  # type: ignore[attr-defined]
                     row["lut"] = lut
                     print(f"{name}: {json.dumps(row['analysis'])}\n  lut: median "
-                          f"{rep.median_abs_rel_error:.1%} max {rep.max_abs_rel_error:.1%} "
+                          f"{rep.median_abs_rel_error:.1%} max {rep.max_abs_rel_error:.1%}; "
+                          f"of the original: {rep.median_abs_ratio_error:.1%} / "
+                          f"{rep.max_abs_ratio_error:.1%} "
                           f"({rep.keys_fetched} keys, {rep.seconds:.0f} s)", flush=True)
                     if not args.skip_adapt:
                         run = args.workdir / f"{name}-run"
@@ -199,22 +219,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(results: dict[str, Any]) -> str:
-    lines = ["| model | units (NODE) | groups (kept) | LUT error median / max | adapt |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | units (NODE) | groups (kept) | LUT error median / max | "
+             "as a fraction of the original | adapt |",
+             "|---|---|---|---|---|---|"]
     for name, row in results["models"].items():
         if "error" in row:
-            lines.append(f"| {name} | error: {row['error'][:80]} | | | |")
+            lines.append(f"| {name} | error: {row['error'][:80]} | | | | |")
             continue
         a = row["analysis"]
         nodes = sum(a["node_units"].values())
         lut = row.get("lut", {})
         err = (f"{lut['median_abs_rel_error']:.1%} / {lut['max_abs_rel_error']:.1%}"
                if lut else "")
+        ratio_err = (f"{lut['median_abs_ratio_error']:.1%} / {lut['max_abs_ratio_error']:.1%}"
+                     if lut else "")
         ad = row.get("adapt")
         adapt = (f"{ad['iterations']} it, {ad['original_ms']:.2f} -> {ad['final_ms']:.2f} ms "
                  f"({ad['speedup']:.2f}x)" if ad else "")
         lines.append(f"| {name} | {a['units']} ({nodes}) | {a['groups']} ({a['kept']}) | "
-                     f"{err} | {adapt} |")
+                     f"{err} | {ratio_err} | {adapt} |")
     return "\n".join(lines)
 
 

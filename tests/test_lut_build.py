@@ -237,6 +237,15 @@ def test_validate_cli_reports_errors_as_json(daemon: RunningServer, tmp_path: Pa
     # Every variant carries its measured interval, around its figure, from its 3 rounds.
     assert all(r["measured_low_ms"] <= r["measured_ms"] <= r["measured_high_ms"]
                and r["rounds"] == 3 for r in data["rows"])
+    # ... and its fraction of the unpruned network measured in the same rounds, with the
+    # estimate's error on that fraction (what a relative budget rests on).
+    assert data["reference_ms"] > 0
+    for r in data["rows"]:
+        assert r["measured_ratio_low"] <= r["measured_ratio"] <= r["measured_ratio_high"]
+        assert 0 < r["estimated_ratio"] < 1.5 and 0 < r["measured_ratio"] < 1.5
+        expected = (r["estimated_ratio"] - r["measured_ratio"]) / r["measured_ratio"]
+        assert r["ratio_rel_error"] == pytest.approx(expected)
+    assert 0 <= data["median_abs_ratio_error"] <= data["max_abs_ratio_error"]
 
 
 def test_table_from_other_conditions_is_refused(daemon: RunningServer, tmp_path: Path) -> None:

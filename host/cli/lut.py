@@ -237,18 +237,21 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     out.write(f"{'variant':>7} {'estimated ms':>13} {'measured ms':>12} "
               f"{'95% interval':>19} {'rounds':>6} {'error':>8} {'naive sum':>10} "
-              f"{'naive err':>10}\n")
+              f"{'naive err':>10} {'of original':>11} {'ratio err':>9}\n")
     for i, r in enumerate(report.rows):
         interval = f"[{r.measured_low_ms:.4f}, {r.measured_high_ms:.4f}]"
         flag = "" if r.tight else " (not tight)"
         out.write(f"{i:>7} {r.estimated_ms:>13.4f} {r.measured_ms:>12.4f} {interval:>19} "
                   f"{r.rounds:>6} {r.rel_error:>+8.1%} {r.naive_ms:>10.4f} "
-                  f"{r.naive_rel_error:>+10.1%}{flag}\n")
+                  f"{r.naive_rel_error:>+10.1%} {r.measured_ratio:>11.3f} "
+                  f"{r.ratio_rel_error:>+9.1%}{flag}\n")
     out.write(
         f"{network.name}: median |error| {report.median_abs_rel_error:.1%}, "
         f"max {report.max_abs_rel_error:.1%} over {len(report.rows)} variants "
         f"(naive sum: {report.naive_median_abs_rel_error:.1%} / "
-        f"{report.naive_max_abs_rel_error:.1%}); correction fitted on "
+        f"{report.naive_max_abs_rel_error:.1%}); as a fraction of the unpruned network "
+        f"measured in the same rounds: median |error| {report.median_abs_ratio_error:.1%}, max "
+        f"{report.max_abs_ratio_error:.1%}; correction fitted on "
         f"{report.calibration_samples} whole networks; {report.keys_fetched} keys measured "
         f"on demand; table {lut_path}\n")
     return 0
