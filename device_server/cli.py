@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cancel-grace-s", type=float, default=Limits.cancel_grace_s,
                    help="how long an abandoned measurement may take to stop before its worker "
                         "is killed and restarted (default %(default)s)")
+    s.add_argument("--exit-with-parent", action="store_true",
+                   help="stop when the process that started the daemon exits (a host's "
+                        "loopback daemon)")
     s.add_argument("--log-level", default=os.environ.get("NETADAPT_LOG", "INFO"))
     return parser
 
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     try:
-        serve(config, port_file=args.port_file)
+        serve(config, port_file=args.port_file,
+              parent_pid=os.getppid() if args.exit_with_parent else None)
     except (ValueError, OSError) as exc:
         print(f"netadapt-device: {exc}", file=sys.stderr)
         return 1

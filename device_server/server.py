@@ -175,8 +175,13 @@ def running_server(config: ServerConfig | None = None) -> Iterator[RunningServer
         running.stop(grace_s=(config or ServerConfig()).grace_s)
 
 
-def serve(config: ServerConfig, port_file: str | None = None) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully."""
+def serve(config: ServerConfig, port_file: str | None = None,
+          parent_pid: int | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully.
+
+    With `parent_pid`, also stops once this process's parent is no longer that process (the
+    host that started a loopback daemon was killed: nothing else would stop it).
+    """
     running = create_server(config)
     if port_file:
         tmp = f"{port_file}.tmp"
@@ -191,6 +196,9 @@ def serve(config: ServerConfig, port_file: str | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    while not stop.wait(timeout=1.0):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.info("parent process %d is gone: shutting down", parent_pid)
+            break
     running.stop(grace_s=config.grace_s)
     log.info("stopped")

@@ -113,3 +113,53 @@ def test_sigterm_with_an_open_stream_stops_gracefully(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) is gone for our purpose.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_host_leaves_no_loopback_daemon_behind(tmp_path: Path) -> None:
+    """SIGKILL gives the host no chance to stop its daemon: the daemon notices and stops."""
+    pid_file = tmp_path / "pids"
+    code = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from host.device.local_daemon import start_local_daemon
+        d = start_local_daemon()
+        worker = [int(p) for p in Path(f"/proc/{{d.process.pid}}/task/{{d.process.pid}}/children")
+                  .read_text().split()]
+        Path({str(pid_file)!r}).write_text(" ".join(map(str, [d.process.pid, *worker])))
+        time.sleep(600)
+        """
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        while not pid_file.exists() or not pid_file.read_text():
+            assert host.poll() is None, "the host exited before starting its daemon"
+            assert time.monotonic() < deadline, "the daemon did not start within 90 s"
+            time.sleep(0.1)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert _alive(pids[0])
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), f"still running: {pids}"
+    finally:
+        if host.poll() is None:
+            host.kill()
+        for p in pid_file.read_text().split() if pid_file.exists() else []:
+            if _alive(int(p)):
+                os.kill(int(p), signal.SIGKILL)

@@ -153,6 +153,7 @@ def start_local_daemon(
         str(port_file),
         "--threads",
         str(threads),
+        "--exit-with-parent",  # a killed host leaves no daemon behind
     ]
     if cpus:
         cmd += ["--cpus", ",".join(str(c) for c in cpus)]
