@@ -20,6 +20,7 @@ from device_server.spec import LayerSpec
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
+from tests.helpers_process import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,18 +116,6 @@ def test_sigterm_with_an_open_stream_stops_gracefully(tmp_path: Path) -> None:
             proc.kill()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its new parent) is gone for our purpose.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_killed_host_leaves_no_loopback_daemon_behind(tmp_path: Path) -> None:
     """SIGKILL gives the host no chance to stop its daemon: the daemon notices and stops."""
     pid_file = tmp_path / "pids"
@@ -150,16 +139,16 @@ def test_a_killed_host_leaves_no_loopback_daemon_behind(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the daemon did not start within 90 s"
             time.sleep(0.1)
         pids = [int(p) for p in pid_file.read_text().split()]
-        assert _alive(pids[0])
+        assert alive(pids[0])
         host.kill()
         host.wait()
         deadline = time.monotonic() + 30
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(p) for p in pids), f"still running: {pids}"
+        assert not any(alive(p) for p in pids), f"still running: {pids}"
     finally:
         if host.poll() is None:
             host.kill()
         for p in pid_file.read_text().split() if pid_file.exists() else []:
-            if _alive(int(p)):
+            if alive(int(p)):
                 os.kill(int(p), signal.SIGKILL)

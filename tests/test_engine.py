@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from tests.helpers_engine import (
     small_network,
     tiny_checkpoint_and_foreign_table,
 )
+from tests.helpers_process import alive
 
 _network = small_network
 _config = small_config
@@ -202,3 +209,49 @@ def test_random_seeds_are_per_proposal() -> None:
 
     seeds = {proposal_seed(0, i, g) for i in range(5) for g in range(5)}
     assert len(seeds) == 25 and proposal_seed(0, 1, 2) == proposal_seed(0, 1, 2)
+
+
+def test_a_killed_host_leaves_no_proposal_workers_behind(tmp_path: Path) -> None:
+    """A pool worker waits on a queue it holds both ends of: with its host SIGKILLed it must
+    notice on its own and exit, not wait (holding its copy of the data) forever."""
+    pid_file = tmp_path / "pids"
+    code = textwrap.dedent(
+        f"""
+        import os, time
+        from pathlib import Path
+        import torch
+        from torch.utils.data import TensorDataset
+        from host.engine.executor import LocalPoolExecutor
+        from host.engine.proposals import ProposalContext
+        from host.training import TrainConfig
+        data = TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+        ctx = ProposalContext(data, data, (1, 1, 8, 8), "l1", 1, 1, TrainConfig(), 0)
+        ex = LocalPoolExecutor(ctx, 2)
+        pids = {{ex._pool.submit(os.getpid).result() for _ in range(8)}}
+        Path({str(pid_file)!r}).write_text(" ".join(map(str, sorted(pids))))
+        time.sleep(600)
+        """
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert host.poll() is None, "the host exited before starting its workers"
+            assert time.monotonic() < deadline, "the workers did not start within 120 s"
+            time.sleep(0.1)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert pids and host.pid not in pids
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), f"still running: {pids}"
+    finally:
+        if host.poll() is None:
+            host.kill()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+

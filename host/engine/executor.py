@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,8 +38,20 @@ _worker_ctx: ProposalContext | None = None
 _worker_notes: SimpleQueue[tuple[int, str, int]] | None = None
 
 
+def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Ends this worker once its parent is gone. A pool worker waits on a queue whose write end
+    it holds itself, so a host killed by a signal would leave it waiting forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(ctx: ProposalContext, notes: SimpleQueue[tuple[int, str, int]]) -> None:
     global _worker_ctx, _worker_notes
+    _exit_with_parent(os.getppid())
     _worker_ctx, _worker_notes = ctx, notes
 
 
