@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from host.device.table_builder import (
     identity_for,
     measure_into,
 )
+from host.device.whole_model import WholeModelProtocol
+from host.lut_validation import calibrate
 from host.network import Network, analyse, random_config
-from lut.calibration import CalibrationSample, fit_correction
+from lut.calibration import MODEL_KIND, CalibrationSample, fit_correction
 from lut.estimator import LatencyEstimator, LutMissingKeyError
 from lut.keys import candidate_counts, plan_keys
 from lut.store import LutIdentity, LutStore
@@ -326,3 +329,25 @@ def test_extra_passes_measure_every_key_again_and_keep_the_fastest(
                            noise=NoiseGuard(max_spread=float("inf"), passes=3))
         assert report.measured == len(specs) and report.remeasured == 2 * len(specs)
         assert all(store.get(s.key()).robust_ms == got[s] for s in specs)  # type: ignore[union-attr]
+
+
+def test_calibration_measures_a_too_wide_network_again(network: Network, pool: DevicePool,
+                                                       tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    """A whole network whose interval is wider than the fit accepts is measured once more (and
+    the tighter figure kept) rather than refused, which could leave a plain sum."""
+    protocol = WholeModelProtocol(min_rounds=2, max_rounds=2)
+    with _store(tmp_path / "tight.sqlite", pool) as store, \
+            caplog.at_level(logging.INFO, logger="host.lut_validation"):
+        assert calibrate(store, pool, network, SESSION, count=4, protocol=protocol,
+                         max_halfwidth=float("inf")) == 4
+        assert "measuring them again" not in caplog.text
+    with _store(tmp_path / "wide.sqlite", pool) as store, \
+            caplog.at_level(logging.INFO, logger="host.lut_validation"):
+        # Every figure counts as too wide here: all four are measured a second time.
+        assert calibrate(store, pool, network, SESSION, count=4, protocol=protocol,
+                         max_halfwidth=-1.0) == 4
+        assert "4 of 4 whole networks wider than" in caplog.text
+        rows = list(store.all_rows(kind=MODEL_KIND))
+        assert len(rows) == 4 and all(r.timing.value_ms > 0 for r in rows)
