@@ -20,7 +20,7 @@ from device_server.spec import LayerSpec
 from protos import device_pb2 as pb
 from protos import device_pb2_grpc as pb_grpc
 from tests.conftest import FAST_POLICY
-from tests.helpers_process import alive
+from tests.helpers_process import kill_host_and_find_survivors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,24 +131,5 @@ def test_a_killed_host_leaves_no_loopback_daemon_behind(tmp_path: Path) -> None:
         time.sleep(600)
         """
     )
-    host = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 90
-        while not pid_file.exists() or not pid_file.read_text():
-            assert host.poll() is None, "the host exited before starting its daemon"
-            assert time.monotonic() < deadline, "the daemon did not start within 90 s"
-            time.sleep(0.1)
-        pids = [int(p) for p in pid_file.read_text().split()]
-        assert alive(pids[0])
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 30
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(p) for p in pids), f"still running: {pids}"
-    finally:
-        if host.poll() is None:
-            host.kill()
-        for p in pid_file.read_text().split() if pid_file.exists() else []:
-            if alive(int(p)):
-                os.kill(int(p), signal.SIGKILL)
+    survivors = kill_host_and_find_survivors(code, pid_file, ROOT, "daemon", start_s=90)
+    assert not survivors, f"still running: {survivors}"

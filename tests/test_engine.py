@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +26,7 @@ from tests.helpers_engine import (
     small_network,
     tiny_checkpoint_and_foreign_table,
 )
-from tests.helpers_process import alive
+from tests.helpers_process import kill_host_and_find_survivors
 
 _network = small_network
 _config = small_config
@@ -232,26 +227,7 @@ def test_a_killed_host_leaves_no_proposal_workers_behind(tmp_path: Path) -> None
         time.sleep(600)
         """
     )
-    host = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
-    pids: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() or not pid_file.read_text():
-            assert host.poll() is None, "the host exited before starting its workers"
-            assert time.monotonic() < deadline, "the workers did not start within 120 s"
-            time.sleep(0.1)
-        pids = [int(p) for p in pid_file.read_text().split()]
-        assert pids and host.pid not in pids
-        host.kill()
-        host.wait()
-        deadline = time.monotonic() + 30
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(p) for p in pids), f"still running: {pids}"
-    finally:
-        if host.poll() is None:
-            host.kill()
-        for p in pids:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+    survivors = kill_host_and_find_survivors(code, pid_file, Path(__file__).resolve().parents[1],
+                                             "workers", start_s=120)
+    assert not survivors, f"still running: {survivors}"
 
