@@ -40,7 +40,7 @@ def test_silent_progress_writes_nothing(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_adapt_to_a_file_prints_one_line_per_epoch_iteration_and_check(
     daemon: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("NETADAPT_HOME", str(tmp_path / "home"))
     out, err = io.StringIO(), io.StringIO()
@@ -53,12 +53,6 @@ def test_adapt_to_a_file_prints_one_line_per_epoch_iteration_and_check(
                      out=out, err=err)
     assert code in (0, 2), err.getvalue()
     lines = capsys.readouterr().err.splitlines()  # pytest's stderr is not a terminal
-    if code == 2 and "cannot be reached" in err.getvalue() and \
-            "whole-network measurements refused" in caplog.text:
-        # Seen once in CI: every calibration network came back wider than the fit accepts, the
-        # estimates stayed plain sums (3x the measured original) and the engine refused the
-        # budget before its first iteration. Known (README, Not there yet); nothing to check.
-        pytest.skip("calibration refused on a noisy machine: the run did not start")
     assert any(line.startswith("epoch 1/2: mean loss ") for line in lines), lines
     assert any(line.startswith("epoch 2/2: mean loss ") for line in lines), lines
     iterations = [line for line in lines if line.startswith("iteration 0: group ")]
