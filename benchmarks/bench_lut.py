@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.networks:
                 shape, classes = NETWORKS[name]
                 net = load_network(name, shape, classes)
-                path = args.workdir / f"{name}_ondemand.sqlite"
-                path.unlink(missing_ok=True)  # on-demand from empty: counts the keys needed
+                # On-demand from empty (counts the keys needed); each run's table is kept, to
+                # look at the keys behind a bad variant afterwards.
+                path = args.workdir / f"{name}_ondemand_run{run + 1}.sqlite"
+                path.unlink(missing_ok=True)
                 with LutStore.open(path, identity_for(info, SESSION)) as store:
                     rep = validate(store, pool, net, SESSION, variants=args.variants, seed=0)
                     summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
@@ -131,6 +133,10 @@ def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[st
             "max_abs_rel_error": [r[name]["max_abs_rel_error"] for r in runs],  # type: ignore[index]
             "median_abs_ratio_error": [r[name]["median_abs_ratio_error"] for r in runs],  # type: ignore[index]
             "max_abs_ratio_error": [r[name]["max_abs_ratio_error"] for r in runs],  # type: ignore[index]
+            "before_late_pass_median_abs_rel_error":
+                [r[name]["first_median_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "before_late_pass_max_abs_rel_error":
+                [r[name]["first_max_abs_rel_error"] for r in runs],  # type: ignore[index]
             "same_variant_max_move": max(moves),
             "same_variant_median_move": statistics.median(moves),
         }

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 from device_server.spec import LayerSpec, SessionSpec
 from host.device.pool import DevicePool
-from host.device.table_builder import BuildReport, NoiseGuard, ensure_overhead, measure_into
+from host.device.table_builder import (
+    LUT_POLICY,
+    BuildReport,
+    NoiseGuard,
+    ensure_overhead,
+    measure_into,
+)
 from host.device.watch import DeviceWatch
 from host.device.whole_model import DEFAULT_PROTOCOL, WholeModelProtocol, measure_networks
 from host.network import Network, random_config
@@ -31,10 +37,12 @@ from lut.calibration import (
     model_row_key,
     parse_model_row_key,
 )
-from lut.estimator import Fetch, LatencyEstimator
+from lut.estimator import LatencyEstimator
+from lut.keys import shuffled
 from lut.store import LutStore
 
-__all__ = ["VariantCheck", "ValidationReport", "on_demand", "calibrate", "validate",
+__all__ = ["VariantCheck", "ValidationReport", "OnDemand", "on_demand", "calibrate", "validate",
+           "LATE_PASS_REPORTED",
            "CALIBRATION_SEED_OFFSET"]
 
 log = logging.getLogger(__name__)
@@ -43,20 +51,59 @@ CALIBRATION_SEED_OFFSET = 1_000_003  # calibration variants never coincide with 
 
 
 ON_DEMAND_NOISE = NoiseGuard(passes=2)  # a few hundred keys: measuring each twice costs seconds
+LATE_PASS_REPORTED = 0.05  # a late pass logs how many keys it made faster by more than this
+
+
+class OnDemand:
+    """A fetch callback for the estimator: measures what the table lacks, stores it, returns
+    it; and remembers what it measured, so `revisit` can measure those keys once more later.
+
+    Why a later pass: a burst of other work that outlasts a key's two back-to-back passes
+    (~15 ms each) leaves a tight but inflated figure. Seen in `make bench-lut`: the smallest
+    MobileNetV1 variants estimated 14-32% high in one run, their plain sums 20-27% above the
+    same variants' in another run, where they were within 2%.
+    """
+
+    def __init__(self, store: LutStore, pool: DevicePool, session: SessionSpec,
+                 report: BuildReport | None = None, noise: NoiseGuard = ON_DEMAND_NOISE,
+                 watch: DeviceWatch | None = None) -> None:
+        self.store, self.pool, self.session = store, pool, session
+        self.report, self.noise, self.watch = report, noise, watch
+        self.measured: dict[LayerSpec, None] = {}   # every key fetched, in order (a set)
+        self.passes = 0
+
+    def __call__(self, specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
+        got = measure_into(self.store, self.pool, specs, self.session, LUT_POLICY, None,
+                           self.report, self.watch, self.noise)
+        self.measured.update(dict.fromkeys(got))
+        return got
+
+    def revisit(self) -> dict[LayerSpec, tuple[float, float]]:
+        """Measures every key fetched so far once more, in a new order, and keeps the faster
+        robust figure of the stored and the new one.
+
+        Returns:
+            {key: (ms before, ms after)} for the keys the late pass made faster.
+        """
+        self.passes += 1
+        known = {s: t for s in self.measured if (t := self.store.get(s)) is not None}
+        after = measure_into(self.store, self.pool, shuffled(known, seed=self.passes),
+                             self.session, LUT_POLICY, None, self.report, self.watch,
+                             NoiseGuard(passes=1), known)
+        moved = {s: (t.robust_ms, after[s]) for s, t in known.items()
+                 if s in after and after[s] < t.robust_ms}
+        big = [b / a for b, a in moved.values() if b > a * (1 + LATE_PASS_REPORTED)]
+        log.info("late pass: %d keys measured again, %d faster by more than %.0f%% (at most "
+                 "%.2fx)", len(known), len(big), 100 * LATE_PASS_REPORTED, max(big, default=1.0))
+        return moved
 
 
 def on_demand(store: LutStore, pool: DevicePool, session: SessionSpec,
               report: BuildReport | None = None, noise: NoiseGuard = ON_DEMAND_NOISE,
-              watch: DeviceWatch | None = None) -> Fetch:
-    """A fetch callback for the estimator: measure what the table lacks, store it, return it.
-    With `watch`, the device state of every measurement is checked (warnings are logged)."""
-    from host.device.table_builder import LUT_POLICY
-
-    def fetch(specs: Sequence[LayerSpec]) -> dict[LayerSpec, float]:
-        return measure_into(store, pool, specs, session, LUT_POLICY, None, report, watch,
-                            noise)
-
-    return fetch
+              watch: DeviceWatch | None = None) -> OnDemand:
+    """A fetch callback for the estimator (see `OnDemand`). With `watch`, the device state of
+    every measurement is checked (warnings are logged)."""
+    return OnDemand(store, pool, session, report, noise, watch)
 
 
 def calibrate(store: LutStore, pool: DevicePool, network: Network, session: SessionSpec,
@@ -128,6 +175,8 @@ class VariantCheck:
     measured_ratio: float = float("nan")
     measured_ratio_low: float = float("nan")
     measured_ratio_high: float = float("nan")
+    # The estimate before the late pass measured this run's keys again (see `OnDemand`).
+    first_estimated_ms: float = float("nan")
 
     @property
     def measured_halfwidth(self) -> float:
@@ -157,7 +206,9 @@ class VariantCheck:
                 "estimated_ratio": self.estimated_ratio, "measured_ratio": self.measured_ratio,
                 "measured_ratio_low": self.measured_ratio_low,
                 "measured_ratio_high": self.measured_ratio_high,
-                "ratio_rel_error": self.ratio_rel_error}
+                "ratio_rel_error": self.ratio_rel_error,
+                "first_estimated_ms": self.first_estimated_ms,
+                "first_rel_error": (self.first_estimated_ms - self.measured_ms) / self.measured_ms}
 
 
 @dataclass
@@ -168,6 +219,8 @@ class ValidationReport:
     keys_fetched: int = 0
     seconds: float = 0.0
     reference_ms: float = float("nan")   # the unpruned network, measured with the variants
+    keys_revisited: int = 0                # measured again by the late pass
+    keys_faster: int = 0                   # ... and found faster by more than LATE_PASS_REPORTED
 
     @property
     def median_abs_ratio_error(self) -> float:
@@ -184,6 +237,15 @@ class ValidationReport:
     @property
     def max_abs_rel_error(self) -> float:
         return max(abs(r.rel_error) for r in self.rows)
+
+    @property
+    def first_median_abs_rel_error(self) -> float:
+        """Before the late pass."""
+        return statistics.median(abs(r.first_estimated_ms / r.measured_ms - 1) for r in self.rows)
+
+    @property
+    def first_max_abs_rel_error(self) -> float:
+        return max(abs(r.first_estimated_ms / r.measured_ms - 1) for r in self.rows)
 
     @property
     def naive_median_abs_rel_error(self) -> float:
@@ -204,6 +266,10 @@ class ValidationReport:
             "median_abs_ratio_error": self.median_abs_ratio_error,
             "max_abs_ratio_error": self.max_abs_ratio_error,
             "reference_ms": self.reference_ms,
+            "first_median_abs_rel_error": self.first_median_abs_rel_error,
+            "first_max_abs_rel_error": self.first_max_abs_rel_error,
+            "keys_revisited": self.keys_revisited,
+            "keys_faster": self.keys_faster,
             "calibration_samples": self.calibration_samples,
             "keys_fetched": self.keys_fetched,
             "seconds": self.seconds,
@@ -221,6 +287,9 @@ def validate(store: LutStore, pool: DevicePool, network: Network, session: Sessi
     (`rel_error`), and its estimated fraction of the unpruned network against the fraction
     measured in the same interleaved rounds (`ratio_rel_error`; what a relative budget rests
     on). The second is blind to a device that drifted between the table's keys and this pass.
+    Every key measured for it is measured once more after all variants were estimated (see
+    `OnDemand.revisit`); the errors are of the table after that pass, and each variant's
+    estimate before it is reported beside (`first_estimated_ms`).
     """
     t0 = time.monotonic()
     build = BuildReport()
@@ -234,10 +303,18 @@ def validate(store: LutStore, pool: DevicePool, network: Network, session: Sessi
     # The unpruned network goes first, as the reference every variant's ratio is taken against.
     blobs = [network.onnx()] + [network.onnx(c) for c in configs]
     rounds = measure_networks(pool.clients[0], blobs, session, protocol)
+    estimator.estimate(network.specs())  # fetches the reference's keys, if the table lacks them
+    first = [estimator.estimate(network.specs(c)) for c in configs]  # ... and the variants'
+    # The late pass: every key this run measured, once more, minutes after its first two.
+    moved = fetch.revisit()
+    estimator = LatencyEstimator.from_store(store, fetch=fetch, architecture=arch)  # refit
     reference_estimate = estimator.estimate(network.specs())
     report = ValidationReport(network.name,
                               calibration_samples=estimator.correction.samples,
-                              reference_ms=rounds.figure(0).value)
+                              reference_ms=rounds.figure(0).value,
+                              keys_revisited=len(fetch.measured),
+                              keys_faster=sum(1 for b, a in moved.values()
+                                              if b > a * (1 + LATE_PASS_REPORTED)))
     for i, config in enumerate(configs, start=1):
         fig, ratio = rounds.figure(i), rounds.ratio(i, 0)
         specs = network.specs(config)
@@ -255,6 +332,7 @@ def validate(store: LutStore, pool: DevicePool, network: Network, session: Sessi
             measured_ratio=ratio.value,
             measured_ratio_low=ratio.low,
             measured_ratio_high=ratio.high,
+            first_estimated_ms=first[i - 1],
         ))
     report.keys_fetched = build.measured
     report.seconds = time.monotonic() - t0

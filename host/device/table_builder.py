@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -117,10 +117,14 @@ def measure_into(
     report: BuildReport | None = None,
     watch: DeviceWatch | None = None,
     noise: NoiseGuard = NoiseGuard(),
+    known: Mapping[LayerSpec, TimingStats] | None = None,
 ) -> dict[LayerSpec, float]:
     """Measures `specs` on the pool and commits each row as it arrives; returns the medians.
-    Noisy keys are measured again afterwards, and every key `noise.passes` times in all."""
-    kept: dict[LayerSpec, TimingStats] = {}
+    Noisy keys are measured again afterwards, and every key `noise.passes` times in all.
+
+    `known`: timings already stored for some of `specs` (a later pass over them): a key's row
+    is replaced only by a faster robust figure, NoiseGuard's rule across passes."""
+    kept: dict[LayerSpec, TimingStats] = dict(known or {})
     rep = report if report is not None else BuildReport()
 
     def on_result(result: Measurement | MeasureFailure) -> None:
