@@ -65,6 +65,9 @@ def one_run(noise: bool, seed: int) -> dict[str, object]:
         "original_accuracy": summary["original_accuracy"],
         "final_accuracy": summary["final_accuracy"],
         "budget_checks": [h["budget_check"] for h in history if h.get("budget_check")],
+        # Kept so a run that ends far from its budget can be read afterwards.
+        "history": [{k: v for k, v in h.items() if k != "proposals"} for h in history],
+        "stderr": proc.stderr.splitlines()[-200:],
     }
 
 

@@ -14,9 +14,9 @@ interleaved passes; an absolute one on the candidate's own interval. The budget 
 the interval lies at or below it, missed when above; in between the device measures more
 passes, and only at the protocol's cap does the point figure decide (recorded as such). Once
 the estimate is within `MEASURE_WITHIN` of its target every iteration is measured, so a table
-that over-estimates cannot carry the run far past the budget unmeasured. The estimate's target
-is the budget as a fraction of the original's estimate (not of its measurement), so a table
-that is off by a constant factor still steers the run to the right place.
+that over-estimates cannot carry the run far past the budget unmeasured. A table that could not
+be calibrated (plain sums, off by a factor and flatter than the device) steers by the budget's
+fraction of the original's estimate, and every iteration is measured.
 
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
@@ -350,14 +350,23 @@ class NetAdapt:
                     where, anchored)
         return anchored
 
-    def _estimate_target(self, budget_ms: float, original_ms: float) -> float:
-        """The budget in the table's terms: the same fraction of the original's *estimate*.
+    @property
+    def _calibrated(self) -> bool:
+        """The table's estimates are fitted to whole networks measured on this device."""
+        return not self.estimator.correction.is_identity
 
-        Estimates and measurements may differ by a factor (a table that could not be
-        calibrated holds plain sums, ~3x the measured network for tiny ones); mapping the
-        budget as a fraction keeps that factor out of the comparison. A relative budget is a
-        fraction already; an absolute one is the fraction budget / measured original.
+    def _estimate_target(self, budget_ms: float, original_ms: float) -> float:
+        """The budget in the table's terms.
+
+        A calibrated table's estimates are milliseconds of whole networks on this device: the
+        budget itself. An uncalibrated one holds plain sums (~3x the measured network for tiny
+        ones, when every calibration network was too noisy to fit on): there the budget is
+        taken as the same fraction of the original's estimate. (The fraction is not used for a
+        calibrated table: one estimate's error, that of the original, would then shift every
+        comparison, and `lut validate` measures ratio errors larger than absolute ones.)
         """
+        if self._calibrated:
+            return budget_ms
         return budget_ms / original_ms * self._estimate(self.network.full_config())
 
     def _floor_config(self) -> dict[int, int]:
@@ -509,7 +518,8 @@ class NetAdapt:
         while state.iteration < cfg.max_iterations:
             estimate = self._estimate(state.config)
             checked = state.measured.get(state.iteration) is not None
-            if not checked and estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN):
+            if not checked and (not self._calibrated
+                                or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
                 if history:
