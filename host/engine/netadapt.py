@@ -518,7 +518,8 @@ class NetAdapt:
         while state.iteration < cfg.max_iterations:
             estimate = self._estimate(state.config)
             checked = state.measured.get(state.iteration) is not None
-            if not checked and (not self._calibrated
+            # (An uncalibrated table measures every pruned network; the original is 1 of itself.)
+            if not checked and ((not self._calibrated and state.iteration > 0)
                                 or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
