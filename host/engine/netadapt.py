@@ -327,12 +327,19 @@ class NetAdapt:
         Raises:
             BudgetUnreachable: the smallest network measured above the budget.
         """
+        fraction = budget_ms / original_ms
+        full_ms = self._estimate(self.network.full_config())
         target = self._estimate_target(budget_ms, original_ms)
+        if target >= full_ms and fraction < 1:
+            # The table puts the original within the budget, the device measured it above.
+            log.warning("the table estimates the original at %.4f ms, within the budget %.4f "
+                        "ms, and the device measured %.4f ms: the estimate's target is the "
+                        "budget's fraction of the original's estimate, %.4f ms", full_ms,
+                        budget_ms, original_ms, fraction * full_ms)
+            target = fraction * full_ms
         reachable = self.reachable_ms()
         if reachable <= target:
             return target
-        fraction = budget_ms / original_ms
-        full_ms = self._estimate(self.network.full_config())
         smallest = self.network.pruned(self._floor_config(), self.config.importance)
         measured = self._measure([self.network.model, smallest],
                                  lambda r: r.ratio(1, 0).tight).ratio(1, 0)
@@ -344,6 +351,13 @@ class NetAdapt:
             raise BudgetUnreachable(
                 f"the budget {budget_ms:.4f} ms ({fraction:.3f} of the original measured "
                 f"{original_ms:.4f} ms) cannot be reached: {where}")
+        if reachable >= full_ms:
+            # Noise in tiny keys can put the smallest network at or above the original: no
+            # line to draw. Steer by the fraction; the device checks each network near it.
+            log.warning("the table does not see the smallest network as faster (%s): the "
+                        "estimate's target is the budget's fraction of the original's "
+                        "estimate", where)
+            return fraction * full_ms
         anchored = full_ms - (1 - fraction) / (1 - measured.value) * (full_ms - reachable)
         log.warning("the table's ratios disagree with the device's (%s): the estimate's target "
                     "is %.4f ms, on the line through the original and the smallest network",
@@ -518,15 +532,22 @@ class NetAdapt:
         while state.iteration < cfg.max_iterations:
             estimate = self._estimate(state.config)
             checked = state.measured.get(state.iteration) is not None
-            # (An uncalibrated table measures every pruned network; the original is 1 of itself.)
-            if not checked and ((not self._calibrated and state.iteration > 0)
-                                or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
+            if state.iteration == 0:
+                # The original network: measured when the budget was set (a relative budget
+                # is a fraction of it), so it is not measured against itself again.
+                over = state.original_latency_ms / state.budget_ms
+                if over <= 1:
+                    log.info("the original network, measured %.4f ms, is within the budget "
+                             "%.4f ms: nothing to prune", state.original_latency_ms,
+                             state.budget_ms)
+                    break
+            elif not checked and (not self._calibrated
+                                  or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
-                if history:
-                    history[-1].measured_latency_ms = check["measured_ms"]
-                    history[-1].budget_check = check
-                    self._write_history(history)
+                history[-1].measured_latency_ms = check["measured_ms"]
+                history[-1].budget_check = check
+                self._write_history(history)
                 self.progress.event(
                     f"budget check at iteration {state.iteration}: {check['figure']} "
                     f"{check['value']:.4f} [{check['low']:.4f}, {check['high']:.4f}] vs "
