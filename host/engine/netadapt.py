@@ -545,9 +545,10 @@ class NetAdapt:
                                   or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
-                history[-1].measured_latency_ms = check["measured_ms"]
-                history[-1].budget_check = check
-                self._write_history(history)
+                if history:  # (empty only when a resumed run's history.jsonl was removed)
+                    history[-1].measured_latency_ms = check["measured_ms"]
+                    history[-1].budget_check = check
+                    self._write_history(history)
                 self.progress.event(
                     f"budget check at iteration {state.iteration}: {check['figure']} "
                     f"{check['value']:.4f} [{check['low']:.4f}, {check['high']:.4f}] vs "
