@@ -157,6 +157,18 @@ def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_agains
     assert _met(checks[-1]) and checks[-1]["limit"] == 0.6
 
 
+def test_an_absolute_budget_the_original_already_meets_prunes_nothing(
+    table, splits, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    engine = _engine(table, splits, tmp_path / "run", _config(budget=Budget(ms=10.0)))
+    result = engine.run()
+    assert result.original_latency_ms < 10.0  # the premise: the original is within it
+    assert result.iterations == 0 and result.history == []
+    assert sum(p.numel() for p in engine.final_model.parameters()) == sum(
+        p.numel() for p in engine.network.model.parameters())
+    assert result.budget_met
+
+
 def test_the_last_step_is_clipped_to_what_is_left_to_the_budget(
     table, splits, tmp_path  # type: ignore[no-untyped-def]
 ) -> None:
