@@ -329,14 +329,7 @@ class NetAdapt:
         """
         fraction = budget_ms / original_ms
         full_ms = self._estimate(self.network.full_config())
-        target = self._estimate_target(budget_ms, original_ms)
-        if target >= full_ms and fraction < 1:
-            # The table puts the original within the budget, the device measured it above.
-            log.warning("the table estimates the original at %.4f ms, within the budget %.4f "
-                        "ms, and the device measured %.4f ms: the estimate's target is the "
-                        "budget's fraction of the original's estimate, %.4f ms", full_ms,
-                        budget_ms, original_ms, fraction * full_ms)
-            target = fraction * full_ms
+        target = self._estimate_target(budget_ms, original_ms, full_ms)
         reachable = self.reachable_ms()
         if reachable <= target:
             return target
@@ -369,19 +362,28 @@ class NetAdapt:
         """The table's estimates are fitted to whole networks measured on this device."""
         return not self.estimator.correction.is_identity
 
-    def _estimate_target(self, budget_ms: float, original_ms: float) -> float:
-        """The budget in the table's terms.
+    def _estimate_target(self, budget_ms: float, original_ms: float, full_ms: float) -> float:
+        """The budget in the table's terms; `full_ms` is the original's estimate.
 
         A calibrated table's estimates are milliseconds of whole networks on this device: the
         budget itself. An uncalibrated one holds plain sums (~3x the measured network for tiny
         ones, when every calibration network was too noisy to fit on): there the budget is
-        taken as the same fraction of the original's estimate. (The fraction is not used for a
-        calibrated table: one estimate's error, that of the original, would then shift every
-        comparison, and `lut validate` measures ratio errors larger than absolute ones.)
+        taken as the same fraction of the original's estimate. So is it when a calibrated
+        table puts the original within a budget the device measured it above. (The fraction is
+        not used for a calibrated table otherwise: one estimate's error, that of the original,
+        would then shift every comparison, and `lut validate` measures ratio errors larger
+        than absolute ones.)
         """
-        if self._calibrated:
-            return budget_ms
-        return budget_ms / original_ms * self._estimate(self.network.full_config())
+        fraction = budget_ms / original_ms
+        if not self._calibrated:
+            return fraction * full_ms
+        if budget_ms >= full_ms and fraction < 1:
+            log.warning("the table estimates the original at %.4f ms, within the budget %.4f "
+                        "ms, and the device measured %.4f ms: the estimate's target is the "
+                        "budget's fraction of the original's estimate, %.4f ms", full_ms,
+                        budget_ms, original_ms, fraction * full_ms)
+            return fraction * full_ms
+        return budget_ms
 
     def _floor_config(self) -> dict[int, int]:
         return {g.id: candidate_counts(g.channels, self.config.step)[0]
