@@ -20,11 +20,13 @@ the original's latency, measured once per seed so every method gets the same mil
   * uniform: every group cut by the same fraction (5% steps), from the base.
   * scratch: uniform's architecture trained from fresh weights.
 Equal training: every final network of a (seed, budget) gets the same number of optimiser steps
-in total, base training included. NetAdapt's chosen path gets short-term steps x iterations plus
-the long-term fine-tune; the total T is the largest path over the variants (or base +
-`--finetune-steps` when that is more), and every other
-network is fine-tuned (NetAdapt variants: topped up at the long-term rate) until it has T. The
-steps of each run are reported, split by kind. Every final network of a seed and the original
+in total, base training included, and every one ends with a single fine-tune annealed to zero
+(cosine), as the engine's own long-term fine-tune does. NetAdapt's chosen path gets short-term
+steps x iterations; the total T is base + the longest path over the variants +
+`--long-term-steps` (or base + `--finetune-steps` when that is more). Each NetAdapt variant's
+final network is then long-term fine-tuned (at half the fine-tuning rate) until it has T, and
+each peer's network is fine-tuned from its pruning for T - base. The steps of each run are
+reported, split by kind. Every final network of a seed and the original
 are measured in one interleaved pass, so drift of this shared machine hits them alike.
 
 Diagnosis per NetAdapt run (`diagnosis` in the JSON, a summary printed): iterations, short-term
@@ -287,7 +289,7 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
             vname, overrides = parse_variant(text)
             kw: dict[str, Any] = dict(
                 initial_reduction=args.initial_reduction, short_term_steps=args.short_term_steps,
-                bn_batches=10, long_term_epochs=1, seed=seed, workers=args.workers,
+                bn_batches=10, long_term_epochs=0, seed=seed, workers=args.workers,
                 batch_size=BATCH, step=STEP, selection=args.selection, max_cut=args.max_cut)
             kw.update(overrides)
             config = AdaptConfig(Budget(fraction=budget), **kw)
@@ -301,31 +303,27 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
             diag = diagnose(res, network, est, store, config.short_term_steps, remeasure)
             runs[name] = {
                 "model": engine.final_model, "estimated_ms": res.estimated_latency_ms,
-                "test_accuracy_before_top_up": res.final_accuracy,
-                "holdout_accuracy_before_top_up": res.final_holdout_accuracy,
+                "test_accuracy_before_long_term": res.final_accuracy,
+                "holdout_accuracy_before_long_term": res.final_holdout_accuracy,
                 "iterations": res.iterations, "budget_ms": res.budget_ms,
                 "seconds": time.monotonic() - t0, "timings_s": dict(engine.timings),
                 "config": {k: v for k, v in dataclasses.asdict(config).items()
                            if k not in ("budget",)},
                 "train_steps": {"base": base_steps,
-                                "short_term": config.short_term_steps * res.iterations,
-                                "long_term": config.long_term_epochs * per_epoch},
-                "lr_top_up": config.lr / 2, "diagnosis": diag,
+                                "short_term": config.short_term_steps * res.iterations},
+                "lr_long_term": config.lr / 2, "diagnosis": diag,
             }
             print(f"{task_name} seed {seed} {name}: {res.iterations} iterations, "
-                  f"{runs[name]['seconds']:.0f} s, test {res.final_accuracy:.4f} before top-up",
+                  f"{runs[name]['seconds']:.0f} s, test {res.final_accuracy:.4f} before long-term",
                   flush=True)
             _print_diagnosis(name, diag)
-        total = max([sum(r["train_steps"].values()) for r in runs.values()]
-                    + [base_steps + args.finetune_steps])
-        for r in runs.values():  # equal training: top up to the longest path
-            extra = total - sum(r["train_steps"].values())
-            if extra > 0:
-                fine_tune(r["model"], splits.train, extra,
-                          TrainConfig(lr=r.pop("lr_top_up"), seed=seed, batch_size=BATCH))
-            else:
-                r.pop("lr_top_up")
-            r["train_steps"]["top_up"] = extra
+        total = max([sum(r["train_steps"].values()) + args.long_term_steps
+                     for r in runs.values()] + [base_steps + args.finetune_steps])
+        for r in runs.values():  # equal training: a long-term fine-tune to the same total
+            steps = total - sum(r["train_steps"].values())
+            fine_tune(r["model"], splits.train, steps, TrainConfig(
+                lr=r.pop("lr_long_term"), seed=seed, batch_size=BATCH, lr_schedule="cosine"))
+            r["train_steps"]["long_term"] = steps
             r["test_accuracy"] = evaluate(r["model"], splits.test)
         finals.update(runs)
         ft = total - base_steps
@@ -333,7 +331,8 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
             model, tp_ratio, ms = tp_global_magnitude(network, est, budget_ms,
                                                       splits.num_classes)
             recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
-            fine_tune(model, splits.train, ft, TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH))
+            fine_tune(model, splits.train, ft, TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH,
+                                                           lr_schedule="cosine"))
             finals[f"tp-global-magnitude@{budget}"] = {
                 "model": model, "pruning_ratio": tp_ratio, "estimated_ms": ms,
                 "test_accuracy": evaluate(model, splits.test),
@@ -348,8 +347,8 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
             if "uniform" in args.peers:
                 model = copy.deepcopy(uniform)
                 recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
-                fine_tune(model, splits.train, ft,
-                          TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH))
+                fine_tune(model, splits.train, ft, TrainConfig(
+                    lr=1e-3, seed=seed, batch_size=BATCH, lr_schedule="cosine"))
                 finals[f"uniform@{budget}"] = {
                     "model": model, "fraction": frac, "estimated_ms": uni_ms,
                     "test_accuracy": evaluate(model, splits.test),
@@ -357,7 +356,8 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
             if "scratch" in args.peers:
                 scratch = _reinitialised(uniform, seed)
                 train_model(scratch, splits.train, TrainConfig(
-                    lr=2e-3, seed=seed, batch_size=BATCH, max_steps=total), progress=False)
+                    lr=2e-3, seed=seed, batch_size=BATCH, max_steps=total,
+                    lr_schedule="cosine"), progress=False)
                 finals[f"scratch@{budget}"] = {
                     "model": scratch, "fraction": frac, "estimated_ms": uni_ms,
                     "test_accuracy": evaluate(scratch, splits.test),
@@ -463,10 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial-reduction", type=float, default=0.05)
     parser.add_argument("--selection", default="accuracy", choices=["accuracy", "ratio"])
     parser.add_argument("--max-cut", type=float, default=1.0)
+    parser.add_argument("--long-term-steps", type=int, default=270,
+                        help="the long-term fine-tune of the longest NetAdapt path (default 270 "
+                             "= 5 epochs of the 28x28 task); shorter paths get more, to equal "
+                             "training")
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="every final network gets at least base + this many steps (so "
                              "runs split over several invocations train alike); the longest "
-                             "NetAdapt path sets it when longer")
+                             "NetAdapt path + --long-term-steps sets it when longer")
     parser.add_argument("--workers", type=int, default=2, help="local proposal workers")
     parser.add_argument("--quick", action="store_true",
                         help="one seed, the 50%% budget, latency vs MACs vs Torch-Pruning")

@@ -118,7 +118,8 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     tune.add_argument("--bn-batches", type=int, default=d.bn_batches,
                       help="batches to re-estimate BatchNorm statistics after surgery")
     tune.add_argument("--long-term-epochs", type=int, default=d.long_term_epochs,
-                      help="epochs of long-term fine-tuning of the final network")
+                      help="epochs of long-term fine-tuning of the final network (at --lr / 2, "
+                           "annealed to 0 on a cosine)")
     tune.add_argument("--lr", type=float, default=d.lr,
                       help="learning rate (Adam) of fine-tuning; half of it long-term")
     tune.add_argument("--seed", type=int, default=d.seed,

@@ -655,8 +655,12 @@ class NetAdapt:
         cfg = self.config
         model = state.model
         if cfg.long_term_epochs > 0:
+            # Annealed to zero (cosine) so the final network ends converged, not wherever a
+            # constant rate leaves it: at one constant epoch its test accuracy depended on
+            # how much training the path happened to give (issue: trustworthy latency).
             train(model, self.splits.train, dataclasses.replace(
-                self._train_config(), epochs=cfg.long_term_epochs, lr=cfg.lr / 2),
+                self._train_config(), epochs=cfg.long_term_epochs, lr=cfg.lr / 2,
+                lr_schedule="cosine"),
                 progress=self.progress.enabled and self.progress.tty)
         rounds = self._measure([self.network.model, model],
                                lambda r: r.ratio(1, 0).tight)
