@@ -6,7 +6,7 @@
         Net_{i+1} = the proposal with the best holdout accuracy; ΔR_{i+1} = ΔR_i · decay
                     (clipped to what is left to the budget: see `_reduction_target`)
     measure Net on the device; if it misses Bud, tighten the estimate's target and go on
-    long-term fine-tune Net
+    long-term fine-tune Net (half the rate, annealed to zero on a cosine)
 
 Budget decisions rest on intervals, never on one figure (host/device/whole_model.py): a relative
 budget is checked as the ratio of the candidate to the original network measured in the same
