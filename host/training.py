@@ -215,11 +215,38 @@ def fine_tune(
     return train(model, dataset, dataclasses.replace(config, max_steps=steps), progress=progress)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset[Any], batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset``, as a fraction in [0, 1].
+def at_chance(accuracy: float, num_classes: int, samples: int) -> bool:
+    """Whether ``accuracy`` on ``samples`` images is indistinguishable from guessing.
 
-    Runs in eval mode without gradients; the model's previous train/eval mode is restored.
+    Guessing among ``num_classes`` scores 1 / num_classes; an accuracy within two binomial
+    standard errors above that (about 97.7% one-sided) is at chance. A base network at chance
+    gives NetAdapt nothing to select proposals by: every proposal's holdout accuracy is noise.
+
+    Raises:
+        ValueError: If ``num_classes`` < 2 or ``samples`` < 1.
+    """
+    if num_classes < 2 or samples < 1:
+        raise ValueError(f"need >= 2 classes and >= 1 sample, got {num_classes} and {samples}")
+    chance = 1.0 / num_classes
+    return accuracy <= chance + 2.0 * math.sqrt(chance * (1.0 - chance) / samples)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model scored on a data set: top-1 accuracy (fraction in [0, 1]) and mean
+    cross-entropy (nats per image)."""
+
+    accuracy: float
+    loss: float
+
+
+@torch.no_grad()
+def score(model: nn.Module, dataset: Dataset[Any], batch_size: int = 256) -> Evaluation:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``.
+
+    The loss is a steadier signal than the accuracy on a few hundred images: it moves with
+    every image's confidence, not only with the ones that flip. Runs in eval mode without
+    gradients; the model's previous train/eval mode is restored.
 
     Raises:
         ValueError: If the data set is empty.
@@ -230,12 +257,24 @@ def evaluate(model: nn.Module, dataset: Dataset[Any], batch_size: int = 256) -> 
     was_training = model.training
     model.eval()
     correct = total = 0
+    loss_sum = 0.0
     for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         logits = logits_of(model(images.to(device)))  # (B, num_classes)
-        correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
+        labels = labels.to(device)
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         total += int(labels.numel())
     model.train(was_training)
-    return correct / total
+    return Evaluation(accuracy=correct / total, loss=loss_sum / total)
+
+
+def evaluate(model: nn.Module, dataset: Dataset[Any], batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset``, as a fraction in [0, 1] (see `score`).
+
+    Raises:
+        ValueError: If the data set is empty.
+    """
+    return score(model, dataset, batch_size).accuracy
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The levers that make latency-driven NetAdapt competitive (issue 16): partial steps on groups
-whose latency barely moves (`max_cut`), selection by accuracy lost per unit saved, one
-reference latency shared by several runs, and the 64x64 cluttered digits task."""
+whose latency barely moves (`max_cut`), selection by accuracy or holdout loss lost per unit
+saved, one reference latency shared by several runs, and the 64x64 cluttered digits task."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from host.data import BUILTIN_DATASETS, load_dataset, load_mnist_5k, load_mnist_clutter
 from host.engine.config import AdaptConfig, Budget
 from host.engine.netadapt import select_proposal
 from host.engine.proposals import Proposal, ProposalResult, choose_proposals
 from host.graph.groups import PrunableGroup
+from host.training import evaluate, score
 from tests.helpers_engine import small_config, small_engine, small_splits, small_table
 
 
@@ -60,9 +62,10 @@ def test_max_cut_is_validated() -> None:
         _choose(0.2, max_cut=1.5)
 
 
-def _result(group_id: int, reduction: float, accuracy: float) -> ProposalResult:
+def _result(group_id: int, reduction: float, accuracy: float, loss: float = 0.5
+            ) -> ProposalResult:
     p = Proposal(group_id, str(group_id), 8, {}, 1.0 - reduction, reduction, True)
-    return ProposalResult(p, torch.nn.Identity(), accuracy, accuracy, 0.0, 0.0, 0.0)
+    return ProposalResult(p, torch.nn.Identity(), accuracy, accuracy, 0.0, 0.0, 0.0, loss)
 
 
 def test_ratio_selection_prefers_least_accuracy_lost_per_unit_saved() -> None:
@@ -81,6 +84,64 @@ def test_ratio_selection_ranks_gains_by_accuracy_then_by_the_larger_cut() -> Non
     assert select_proposal(results, 0.94, "ratio").proposal.group_id == 1
     results = [_result(0, 0.01, 0.97), _result(1, 0.30, 0.96)]
     assert select_proposal(results, 0.94, "ratio").proposal.group_id == 0
+
+
+def test_loss_selection_separates_what_accuracy_ties() -> None:
+    # Same accuracy (the same handful of flips on the holdout split), different confidence.
+    results = [_result(0, 0.10, 0.93, loss=0.31), _result(1, 0.10, 0.93, loss=0.24),
+               _result(2, 0.12, 0.93, loss=0.40)]
+    assert select_proposal(results, 0.94, "accuracy").proposal.group_id == 2  # larger cut
+    assert select_proposal(results, 0.94, "loss").proposal.group_id == 1
+
+
+def test_loss_ratio_weighs_the_rise_in_loss_per_unit_saved() -> None:
+    results = [_result(0, 0.40, 0.90, loss=0.40), _result(1, 0.05, 0.93, loss=0.25)]
+    # From 0.20: rises 0.20 and 0.05; per unit saved 0.5 and 1.0 -> the larger cut.
+    assert select_proposal(results, 0.94, "loss-ratio", current_loss=0.20).proposal.group_id == 0
+    assert select_proposal(results, 0.94, "loss").proposal.group_id == 1
+    # Proposals whose loss falls rank first, the lowest loss among them.
+    results = [_result(0, 0.40, 0.90, loss=0.19), _result(1, 0.05, 0.93, loss=0.18)]
+    assert select_proposal(results, 0.94, "loss-ratio", current_loss=0.20).proposal.group_id == 1
+    with pytest.raises(ValueError, match="current network's holdout loss"):
+        select_proposal(results, 0.94, "loss-ratio")
+    with pytest.raises(ValueError, match="unknown selection"):
+        select_proposal(results, 0.94, "acc")
+    with pytest.raises(ValueError, match="loss-ratio"):
+        AdaptConfig(Budget(fraction=0.5), selection="acc")
+
+
+def test_score_is_torch_cross_entropy_and_accuracy() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.Dropout(0.5))
+    images, labels = torch.randn(300, 1, 4, 4), torch.randint(0, 3, (300,))
+    model.train()
+    scored = score(model, TensorDataset(images, labels), batch_size=64)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert scored.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
+    assert scored.accuracy == int((logits.argmax(1) == labels).sum()) / 300
+    assert evaluate(model, TensorDataset(images, labels)) == scored.accuracy
+
+
+def test_engine_selects_by_loss_ratio_from_the_losses_it_records(
+        daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table = small_table(daemon.address, tmp_path / "lut.sqlite")
+    splits = small_splits()
+    config = small_config(max_iterations=1, selection="loss-ratio", max_cut=0.5)
+    engine = small_engine(table, splits, tmp_path / "run", config, original_ms=0.2)
+    current_loss = score(engine.network.model, splits.holdout).loss
+    result = engine.run()
+    (record,) = result.history
+    losses = [p["holdout_loss"] for p in record.proposals]
+    assert len(losses) >= 2 and all(0 < x < 10 for x in losses)
+
+    def per_unit(p: dict) -> tuple[float, float]:  # type: ignore[type-arg]
+        return max(p["holdout_loss"] - current_loss, 0.0) / p["reduction"], p["holdout_loss"]
+
+    best = min(record.proposals, key=per_unit)
+    assert record.group_id == best["group_id"]
+    assert record.holdout_accuracy == best["holdout_accuracy"]
 
 
 def test_cluttered_digits_are_reproducible_and_keep_the_digit() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -316,6 +317,50 @@ def test_cli_refuses_a_table_of_another_device(daemon: RunningServer, tmp_path: 
                      str(ckpt), "--device", daemon.address, "--workdir", str(tmp_path / "run"),
                      "--lut", str(table))
     assert code == 1 and "device_fingerprint" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_chance_level_is_two_standard_errors_above_guessing() -> None:
+    from host.training import at_chance
+
+    assert at_chance(0.10, 10, 500) and at_chance(0.126, 10, 500)  # 0.1 + 2 * 0.0134
+    assert not at_chance(0.13, 10, 500) and not at_chance(0.9, 10, 500)
+    assert not at_chance(0.126, 10, 5000)  # more samples: a tighter chance band
+    with pytest.raises(ValueError, match="2 classes"):
+        at_chance(0.5, 1, 500)
+
+
+def test_cli_warns_of_an_untrained_base_before_the_expensive_work(
+        daemon: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A base at chance is named before calibration and the table (here refused as another
+    device's, which ends the command, so the warning came first); a trained base passes
+    without it."""
+    from host.data import load_dataset
+    from host.models.registry import build_model_for
+    from host.training import TrainConfig, at_chance, evaluate, train
+
+    splits = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    untrained = build_model_for("tiny_cnn", splits.input_shape, splits.num_classes)
+    assert at_chance(evaluate(untrained, splits.holdout), 10, len(splits.holdout))
+    trained = build_model_for("tiny_cnn", splits.input_shape, splits.num_classes)
+    train(trained, splits.train, TrainConfig(epochs=5, lr=5e-3), progress=False)
+    assert evaluate(trained, splits.holdout) > 0.5
+    _, table = tiny_checkpoint_and_foreign_table(tmp_path)
+    for name, model in (("untrained", untrained), ("trained", trained)):
+        ckpt = tmp_path / f"{name}.pt"
+        torch.save(model.state_dict(), ckpt)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="host.cli.adapt"):
+            code, err = _cli("adapt", "--model", "tiny_cnn", "--data", "digits", "--checkpoint",
+                             str(ckpt), "--device", daemon.address, "--workdir",
+                             str(tmp_path / "run"), "--lut", str(table))
+        assert code == 1 and "device_fingerprint" in err, err
+        warned = [r.getMessage() for r in caplog.records if "chance for 10" in r.getMessage()]
+        if name == "untrained":
+            assert len(warned) == 1 and f"checkpoint {ckpt}" in warned[0], warned
+        else:
+            assert not warned, warned
     assert not (tmp_path / "run").exists()
 
 

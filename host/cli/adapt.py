@@ -30,7 +30,7 @@ from host.cli.common import (
 from host.cli.lut import announce_on_demand, open_store
 from host.device.table_builder import ensure_overhead
 from host.device.watch import DeviceWatch
-from host.engine.config import AdaptConfig, Budget
+from host.engine.config import SELECTIONS, AdaptConfig, Budget
 from host.engine.netadapt import BudgetUnreachable, CheckpointError, NetAdapt, RunExists
 from host.engine.ray_executor import RayClusterUnreachable
 from host.engine.report import uniform_baseline, write_outputs
@@ -98,10 +98,11 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     alg.add_argument("--metric", choices=("latency", "macs", "params"), default=d.metric,
                      help="what proposals are sized by: the device's latency (the lookup "
                           "table) or a proxy")
-    alg.add_argument("--selection", choices=("accuracy", "ratio"), default=d.selection,
-                     help="keep the proposal with the best holdout accuracy, or the least "
-                          "accuracy lost per unit of the metric saved (per ms with "
-                          "--metric latency; proposals that lose nothing rank first)")
+    alg.add_argument("--selection", choices=SELECTIONS, default=d.selection,
+                     help="keep the proposal with the best holdout accuracy (accuracy), or the "
+                          "least accuracy lost per unit of the metric saved (ratio; per ms "
+                          "with --metric latency; proposals that lose nothing rank first); "
+                          "loss and loss-ratio: the same with the holdout cross-entropy")
     alg.add_argument("--max-cut", type=float, default=d.max_cut,
                      help="most of a group's channels one proposal may remove (at least one "
                           "--step); a group whose latency barely moves then offers a partial "
@@ -193,6 +194,24 @@ def _base_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
     return base.model
 
 
+def _warn_if_untrained(model: torch.nn.Module, splits: Any, args: argparse.Namespace) -> None:
+    """A warning when the base network scores no better than guessing on the holdout split.
+
+    Checked before calibration and the table, the expensive part: proposals of an untrained
+    base are chosen by noise. A warning, not an error: measuring and pruning a randomly
+    initialised network is a legitimate use.
+    """
+    from host.training import at_chance, evaluate
+
+    accuracy = evaluate(model, splits.holdout)
+    if at_chance(accuracy, splits.num_classes, len(splits.holdout)):
+        source = (f"checkpoint {args.checkpoint}" if args.checkpoint
+                  else f"the base trained for {args.base_epochs} epoch(s)")
+        log.warning("%s scores %.1f%% on the holdout split, chance for %d classes: proposals "
+                    "will be chosen by noise; train it longer (--base-epochs) or pass a trained "
+                    "--checkpoint", source, 100 * accuracy, splits.num_classes)
+
+
 def _adapt(args: argparse.Namespace, out: TextIO) -> int:
     from host.data import load_dataset
     from host.network import analyse
@@ -224,6 +243,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
                       (1, *splits.input_shape))
     with pool_from_args(args) as pool:
         network = network.with_model(_base_model(args, splits))
+        _warn_if_untrained(network.model, splits, args)
         if args.overwrite and workdir.exists():
             shutil.rmtree(workdir)
         with open_store(args, pool, session, 1) as store:

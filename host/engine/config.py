@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AdaptConfig", "Budget"]
+__all__ = ["AdaptConfig", "Budget", "SELECTIONS"]
+
+# How an iteration picks its proposal (`select_proposal`): by holdout accuracy or holdout
+# cross-entropy, each either outright or per unit of the metric saved ("ratio").
+SELECTIONS = ("accuracy", "ratio", "loss", "loss-ratio")
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class AdaptConfig:
     initial_reduction: float = 0.025  # ΔR_0 as a fraction of the original metric (paper)
     decay: float = 0.96               # ΔR_i = ΔR_0 · decay^i (paper's reference implementation)
     metric: str = "latency"           # what proposals are sized by: latency | macs | params
-    selection: str = "accuracy"       # best holdout accuracy, or "ratio": accuracy lost per ms
+    selection: str = "accuracy"       # see SELECTIONS
     max_cut: float = 1.0              # most of a group's channels one proposal removes (1: no cap)
     importance: str = "l2"            # filter norm: l2 | l1
     step: int = 8                     # channel grid
@@ -58,8 +62,9 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         if self.metric not in ("latency", "macs", "params"):
             raise ValueError(f"unknown metric {self.metric!r}; use latency, macs or params")
-        if self.selection not in ("accuracy", "ratio"):
-            raise ValueError(f"unknown selection {self.selection!r}; use accuracy or ratio")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; use one of "
+                             f"{', '.join(SELECTIONS)}")
         if self.importance not in ("l1", "l2"):
             raise ValueError(f"unknown importance {self.importance!r}; use l2 or l1")
         if not 0 < self.max_cut <= 1:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from device_server.spec import LayerSpec
 from host.graph.groups import PrunableGroup
 from host.graph.surgery import prune_group
-from host.training import TrainConfig, evaluate, fine_tune, recalibrate_batchnorm
+from host.training import TrainConfig, evaluate, fine_tune, recalibrate_batchnorm, score
 from lut.keys import candidate_counts
 
 __all__ = ["Proposal", "ProposalResult", "ProposalContext", "choose_proposals",
@@ -65,6 +65,7 @@ class ProposalResult:
     surgery_s: float
     finetune_s: float
     eval_s: float
+    holdout_loss: float           # mean cross-entropy on holdout after fine-tuning, nats
 
 
 def choose_proposals(
@@ -150,10 +151,11 @@ def evaluate_proposal(model: nn.Module, proposal: Proposal, iteration: int,
             config = dataclasses.replace(ctx.train_config, seed=seed, device=device)
             fine_tune(pruned, ctx.train, ctx.short_term_steps, config)
         t3 = time.perf_counter()
-        accuracy = evaluate(pruned, ctx.holdout)
+        scored = score(pruned, ctx.holdout)
         t4 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
     pruned.cpu()
-    return ProposalResult(proposal, pruned, accuracy, after_bn, surgery_s=t1 - t0,
-                          finetune_s=t3 - t2, eval_s=(t2 - t1) + (t4 - t3))
+    return ProposalResult(proposal, pruned, scored.accuracy, after_bn, surgery_s=t1 - t0,
+                          finetune_s=t3 - t2, eval_s=(t2 - t1) + (t4 - t3),
+                          holdout_loss=scored.loss)
