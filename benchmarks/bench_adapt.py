@@ -18,10 +18,10 @@ the original's latency, measured once per seed so every method gets the same mil
   * tp: Torch-Pruning's global magnitude pruner (GroupMagnitudeImportance p=2, `round_to` the
     channel grid), at the smallest pruning ratio whose table estimate meets the budget.
   * uniform: every group cut by the same fraction (5% steps), from the base.
-  Both peers are then held to the budget as measured, as the engine is: measured against the
+  * scratch: uniform's architecture trained from fresh weights.
+  The peers are then held to the budget as measured, as the engine is: measured against the
   original in interleaved rounds and, while over it, chosen again for a target tightened by
   the miss (`fit_to_measured_budget`; `budget_fit` in the JSON).
-  * scratch: uniform's architecture trained from fresh weights.
 Equal training: every final network of a (seed, budget) gets the same number of optimiser steps
 in total, base training included, and every one ends with a single fine-tune annealed to zero
 (cosine), as the engine's own long-term fine-tune does. NetAdapt's chosen path gets short-term
@@ -264,38 +264,42 @@ def tp_global_magnitude(network: Network, est: LatencyEstimator, target_ms: floa
 
 
 def uniform_to_target(network: Network, est: LatencyEstimator, target_ms: float
-                      ) -> tuple[dict[int, int], float, float]:
+                      ) -> tuple[nn.Module, float, float]:
     """The widest uniform width (every group cut by the same fraction, 5% steps) whose
-    estimate is within `target_ms`: (its channels, the fraction kept, its estimate in ms)."""
+    estimate is within `target_ms`: (the pruned copy, the fraction kept, its estimate in ms)."""
     for frac in [x / 100 for x in range(100, 4, -5)]:
         cfg = uniform_width_config(network.groups, frac, round_to=STEP)
         ms = est.estimate(network.specs(cfg))
         if ms <= target_ms:
             break
-    return cfg, frac, ms
+    return network.pruned(cfg), frac, ms
 
 
-def fit_to_measured_budget(pick: Callable[[float], tuple[Any, float]],
-                           make: Callable[[Any], nn.Module], network: Network,
-                           budget_fraction: float, original_ms: float, pool: DevicePool,
-                           tries: int = 4) -> tuple[Any, dict[str, Any]]:
+Pick = Callable[[float], tuple[nn.Module, float, float]]
+
+
+def fit_to_measured_budget(pick: Pick, network: Network, budget_fraction: float,
+                           original_ms: float, pool: DevicePool, tries: int = 4
+                           ) -> tuple[tuple[nn.Module, float, float], dict[str, Any]]:
     """A peer's pruning held to the budget as measured on the device, as the engine's own stop
-    is: `pick(target_ms)` chooses by the table's estimate; the result is measured against the
+    is: `pick(target_ms)` chooses by the table's estimate and returns (the pruned copy, its
+    setting, its estimate in ms); the result is measured against the
     original in the same interleaved rounds, and while its ratio is over `budget_fraction`
     the target is tightened by the miss and the choice made again (at most `tries` times).
     Without this a peer that trusts the estimate can end short of the budget (Torch-Pruning
-    did at 35%: 2.37-2.53x for 2.86x), and its accuracy is then not at equal latency.
+    did at 35%: 2.37-2.54x for 2.86x), and its accuracy is then not at equal latency.
 
     Returns:
-        (the last choice, a record of each try: target, estimate, measured ratio).
+        (the last `pick`, a record of each try: target, estimate, measured ratio).
     """
     original_blob = export_onnx(network.model, network.input_shape)
     target_ms = budget_fraction * original_ms
     tries_seen: list[dict[str, float]] = []
     for _ in range(tries):
-        choice, est_ms = pick(target_ms)
+        choice = pick(target_ms)
+        est_ms = choice[2]
         rounds = measure_networks(pool.clients[0], [original_blob, export_onnx(
-            make(choice), network.input_shape)], SESSION)
+            choice[0], network.input_shape)], SESSION)
         ratio = rounds.ratio(1, 0).value
         tries_seen.append({"target_ms": target_ms, "estimated_ms": est_ms, "ratio": ratio})
         if ratio <= budget_fraction:
@@ -385,12 +389,9 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
         finals.update(runs)
         ft = total - base_steps
         if "tp" in args.peers:
-            def tp_pick(target: float) -> tuple[Any, float]:
-                pruned = tp_global_magnitude(network, est, target, splits.num_classes)
-                return pruned, pruned[2]
-
             (model, tp_ratio, ms), fit = fit_to_measured_budget(
-                tp_pick, lambda c: c[0], network, budget, original_ms, pool)
+                lambda t: tp_global_magnitude(network, est, t, splits.num_classes),
+                network, budget, original_ms, pool)
             recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
             fine_tune(model, splits.train, ft, TrainConfig(lr=1e-3, seed=seed, batch_size=BATCH,
                                                            lr_schedule="cosine"))
@@ -399,13 +400,9 @@ def _run_seed(task_name: str, seed: int, args: argparse.Namespace, splits: DataS
                 "test_accuracy": evaluate(model, splits.test),
                 "train_steps": {"base": base_steps, "fine_tune": ft}, **fit}
         if "uniform" in args.peers or "scratch" in args.peers:
-            def uniform_pick(target: float) -> tuple[Any, float]:
-                chosen = uniform_to_target(network, est, target)
-                return chosen, chosen[2]
-
-            (cfg, frac, uni_ms), uni_fit = fit_to_measured_budget(
-                uniform_pick, lambda c: network.pruned(c[0]), network, budget, original_ms, pool)
-            uniform = network.pruned(cfg)
+            (uniform, frac, uni_ms), uni_fit = fit_to_measured_budget(
+                lambda t: uniform_to_target(network, est, t), network, budget, original_ms,
+                pool)
             if "uniform" in args.peers:
                 model = copy.deepcopy(uniform)
                 recalibrate_batchnorm(model, splits.train, num_batches=10, seed=seed)
