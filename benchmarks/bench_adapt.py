@@ -520,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-epochs", type=int, default=0, help="0: the task's own")
     parser.add_argument("--short-term-steps", type=int, default=10)
     parser.add_argument("--initial-reduction", type=float, default=0.05)
-    parser.add_argument("--selection", default="accuracy", choices=SELECTIONS)
-    parser.add_argument("--max-cut", type=float, default=1.0)
+    d = AdaptConfig(Budget(fraction=0.5))  # the engine's defaults, for every variant
+    parser.add_argument("--selection", default=d.selection, choices=SELECTIONS)
+    parser.add_argument("--max-cut", type=float, default=d.max_cut)
     parser.add_argument("--long-term-steps", type=int, default=270,
                         help="the long-term fine-tune of the longest NetAdapt path (default 270 "
                              "= 5 epochs of the 28x28 task); shorter paths get more, to equal "

@@ -102,11 +102,13 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                      help="keep the proposal with the best holdout accuracy (accuracy), or the "
                           "least accuracy lost per unit of the metric saved (ratio; per ms "
                           "with --metric latency; proposals that lose nothing rank first); "
-                          "loss and loss-ratio: the same with the holdout cross-entropy")
+                          "loss and loss-ratio (the default): the same with the holdout "
+                          "cross-entropy; accuracy with --max-cut 1 is the paper's rule")
     alg.add_argument("--max-cut", type=float, default=d.max_cut,
                      help="most of a group's channels one proposal may remove (at least one "
                           "--step); a group whose latency barely moves then offers a partial "
-                          "step instead of a large cut (best with --selection ratio); 1: no cap")
+                          "step instead of a large cut (best with a ratio selection); 1: no "
+                          "cap, as in the paper")
     alg.add_argument("--importance", choices=("l2", "l1"), default=d.importance,
                      help="filter norm: the lowest-norm filters are removed")
     alg.add_argument("--step", type=int, default=d.step,
