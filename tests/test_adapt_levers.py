@@ -55,6 +55,26 @@ def test_a_cap_turns_a_large_cut_into_a_partial_step() -> None:
     assert [(p.n_keep, p.partial) for p in small] == [(24, True)]
 
 
+def test_a_cap_never_walls_off_a_group_whose_capped_steps_do_not_move_the_metric() -> None:
+    """A table is not monotonic in width: when no step within the cap lowers the estimate,
+    the group offers the smallest step beyond it that does, instead of nothing (which ended
+    runs in BudgetUnreachable with budget left to reach)."""
+    flat = [PrunableGroup(0, "a", 64, ("a",), ("a",), (0,), ())]
+
+    def cost(c: dict[int, int]) -> float:
+        return 1.0 if c[0] > 40 else 0.5  # 56 and 48 (within a 25% cap) save nothing
+
+    def pick(target: float) -> list[tuple[int, bool, bool]]:
+        return [(p.n_keep, p.meets_target, p.partial) for p in choose_proposals(
+            flat, {0: 64}, lambda c: dict(c), cost, target, 8, 0.25)]  # type: ignore[arg-type]
+
+    assert pick(0.2) == [(40, True, False)]   # the first step that moves meets the target
+    assert pick(0.9) == [(40, False, True)]   # or is offered as a partial step
+    # Without the cap the same group gives the same first step that meets the target.
+    assert [p.n_keep for p in choose_proposals(flat, {0: 64}, lambda c: dict(c), cost, 0.2,
+                                               8, 1.0)] == [40]  # type: ignore[arg-type]
+
+
 def test_max_cut_is_validated() -> None:
     with pytest.raises(ValueError, match="max_cut"):
         AdaptConfig(Budget(fraction=0.5), max_cut=0.0)

@@ -87,7 +87,9 @@ def choose_proposals(
     channels (at least one grid step): a group whose metric barely moves with its width, and
     would need a large cut to meet the target, offers a partial step instead (flagged
     `partial=True`) beside the groups that meet the target; the selection rule weighs them
-    (e.g. accuracy lost per unit of the metric saved).
+    (e.g. accuracy lost per unit of the metric saved). Where no step within the cap reduces
+    the metric at all, the group offers the smallest step beyond it that does (also partial,
+    unless it meets the target), so a cap never makes a budget unreachable.
     """
     if not 0 < max_cut <= 1:
         raise ValueError(f"max_cut must be in (0, 1], got {max_cut}")
@@ -100,8 +102,9 @@ def choose_proposals(
         best: Proposal | None = None
         capped: Proposal | None = None
         for n_keep in reversed(counts):
-            if max_cut < 1 and n_keep < floor:  # the target lies beyond the cap
-                capped = best  # the largest reduction within it (None: the metric never moved)
+            beyond_cap = max_cut < 1 and n_keep < floor
+            if beyond_cap and best is not None:  # the target lies beyond the cap
+                capped = best  # the largest reduction within it
                 break
             trial = dict(config)
             trial[g.id] = n_keep
@@ -109,6 +112,11 @@ def choose_proposals(
             reduction = current - value
             if reduction >= target:
                 best = Proposal(g.id, g.root, n_keep, trial, value, reduction, True)
+                break
+            if reduction > 0 and beyond_cap:
+                # Nothing within the cap moved the metric (a table is not monotonic in width):
+                # the smallest step that does, so the cap never walls a group off.
+                capped = Proposal(g.id, g.root, n_keep, trial, value, reduction, False)
                 break
             if reduction > 0 and (best is None or reduction > best.reduction):
                 best = Proposal(g.id, g.root, n_keep, trial, value, reduction, False)
