@@ -50,7 +50,7 @@ protos: $(STAMP)
 run: $(STAMP) protos
 	$(BIN)/netadapt-host adapt --model mobilenet_v1 --model-arg width_mult=0.5 --data mnist_5k \
 		--budget 0.5 --base-epochs 3 --initial-reduction 0.05 --short-term-steps 10 \
-		--long-term-epochs 5 --workdir runs/mobilenet_v1-mnist --overwrite
+		--long-term-epochs 5 --workers 2 --workdir runs/mobilenet_v1-mnist --overwrite
 
 # ruff, and import-linter's contracts in pyproject.toml (imports flow one way).
 lint: $(STAMP) protos

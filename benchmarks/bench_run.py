@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["adapt", "--model", "mobilenet_v1", "--model-arg", "width_mult=0.5",
             "--data", "mnist_5k", "--budget", "0.5", "--base-epochs", "3",
             "--initial-reduction", "0.05", "--short-term-steps", "10",
-            "--long-term-epochs", "5", "--workdir", "run", "--json"]
+            "--long-term-epochs", "5", "--workers", "2", "--workdir", "run", "--json"]
 
 
 def one_run(noise: bool, seed: int) -> dict[str, object]:
