@@ -21,12 +21,17 @@ def _googleapis_include() -> str:
 
 
 def generate_protos() -> None:
+    import importlib.resources
+
     from grpc_tools import protoc  # build-time dependency (pyproject build-system)
 
+    # protoc.main, unlike `python -m grpc_tools.protoc`, does not add the well-known types
+    # (google/protobuf/any.proto, which google/rpc/status.proto imports): name them.
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
     for proto in sorted((ROOT / "protos").glob("*.proto")):
         rel = str(proto)
-        args = ["protoc", f"-I{ROOT}", f"-I{_googleapis_include()}", f"--python_out={ROOT}",
-                f"--grpc_python_out={ROOT}", f"--pyi_out={ROOT}", rel]
+        args = ["protoc", f"-I{ROOT}", f"-I{_googleapis_include()}", f"-I{well_known}",
+                f"--python_out={ROOT}", f"--grpc_python_out={ROOT}", f"--pyi_out={ROOT}", rel]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {rel}")
 
