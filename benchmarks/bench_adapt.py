@@ -13,7 +13,8 @@ ORT CPU provider, one thread, through a loopback daemon.
 Per task and seed (base model, proposals, fine-tuning all seeded by it) and budget (a fraction of
 the original's latency, measured once per seed so every method gets the same milliseconds):
   * NetAdapt variants (`--variants`): `latency` (the table) and `macs` (proposals sized by MACs,
-    stopping still by measured latency) by default; a variant is NAME[:field=value,...] over
+    stopping still by measured latency) by default, both with the engine's default selection
+    and cap (`--selection`, `--max-cut`); a variant is NAME[:field=value,...] over
     AdaptConfig's fields (e.g. `latency-r025:initial_reduction=0.025,short_term_steps=20`).
   * tp: Torch-Pruning's global magnitude pruner (GroupMagnitudeImportance p=2, `round_to` the
     channel grid), at the smallest pruning ratio whose table estimate meets the budget.

@@ -44,7 +44,7 @@ class AdaptConfig:
     decay: float = 0.96               # ΔR_i = ΔR_0 · decay^i (paper's reference implementation)
     metric: str = "latency"           # what proposals are sized by: latency | macs | params
     # Holdout loss per unit saved, at most a quarter of a group per step: the pair that won
-    # every seed at 50% in `make bench-adapt` (README, "Seventh day"); "accuracy" and 1.0 are
+    # every seed at 50% in `make bench-adapt` (README, its "Eighth day"); "accuracy" and 1.0 are
     # the paper's rule (Algorithm 1: the most accurate proposal, the fewest filters).
     selection: str = "loss-ratio"     # see SELECTIONS
     max_cut: float = 0.25             # most of a group's channels one proposal removes (1: no cap)
