@@ -8,6 +8,7 @@ processes pinned to the daemon's core.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import statistics
@@ -141,14 +142,54 @@ def test_a_ratio_is_taken_per_pass_so_a_drift_both_share_cancels() -> None:
 def test_measuring_stops_as_soon_as_the_decision_is_settled(daemon) -> None:  # type: ignore[no-untyped-def]
     net = small_network()
     client = DeviceClient(daemon.address)
-    protocol = WholeModelProtocol(min_rounds=3, max_rounds=12)
+    protocol = WholeModelProtocol(min_rounds=3, max_rounds=6, decision_rounds=12)
     # Far from the limit: settled at the minimum number of rounds.
     r = measure_networks(client, [net.onnx()], SessionSpec(), protocol,
                          settled=lambda r: r.figure(0).high <= 1e6)
     assert r.passes == 3
-    # A limit inside any interval never settles: measured up to the cap, and not hidden.
+    # A limit inside any interval never settles: measured up to the decision's cap (more
+    # than a figure's), and not hidden.
     r = measure_networks(client, [net.onnx()], SessionSpec(), protocol, settled=lambda r: False)
     assert r.passes == 12
+    # A figure with no decision riding on it stops at max_rounds, tight or not.
+    r = measure_networks(client, [net.onnx()], SessionSpec(),
+                         WholeModelProtocol(min_rounds=3, max_rounds=6, decision_rounds=12,
+                                            target_halfwidth=1e-9))
+    assert r.passes == 6 and not r.figure(0).tight
+
+
+@pytest.mark.parametrize("argv", [["--max-rounds", "60"],
+                                  ["--min-rounds", "8", "--max-rounds", "6"],
+                                  ["--target-halfwidth", "0"]])
+@pytest.mark.parametrize("command", [["adapt"], ["lut", "validate", "--model", "mobilenet_v2"]])
+def test_rounds_that_contradict_each_other_are_refused_before_any_device_work(
+    tmp_path: Path, command: list[str], argv: list[str]
+) -> None:
+    from host.cli.netadapt_host import main
+
+    err = io.StringIO()
+    # No daemon listens on port 9: a device error (exit 1) would mean the options were read
+    # only after connecting (and, for adapt, after training the base network).
+    code = main([*command, "--device", "127.0.0.1:9", "--workdir", str(tmp_path / "w"), *argv]
+                if command == ["adapt"] else
+                [*command, "--device", "127.0.0.1:9", *argv], out=io.StringIO(), err=err)
+    assert code == 2, err.getvalue()
+    assert err.getvalue().count("\n") == 1 and "--decision-rounds" in err.getvalue()
+
+
+def test_a_final_figure_that_is_not_tight_says_so_in_the_summary_line() -> None:
+    from host.device.whole_model import Figure
+    from host.engine.netadapt import AdaptResult
+
+    def result(ratio: Figure) -> AdaptResult:
+        return AdaptResult(Path("w"), 0.3, 0.15, 0.16, 0.3, 0.15, 0.9, 0.9, 0.9, 0.9, 3,
+                           budget_fraction=0.5, final_ratio=ratio)
+
+    wide = result(Figure(0.535, 0.504, 0.676, 16, tight=False))
+    assert "0.535 of the original [0.504, 0.676] (not tight) = 1.87x" in wide.describe_latency()
+    assert not wide.budget_met
+    tight = result(Figure(0.49, 0.489, 0.491, 6, tight=True))
+    assert "[0.489, 0.491] = 2.04x" in tight.describe_latency() and tight.budget_met
 
 
 # -- calibration ----------------------------------------------------------------------------

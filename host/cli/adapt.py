@@ -234,6 +234,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
         except RayUnavailable as exc:
             raise CommandError(str(exc)) from None
     session = session_from_args(args)
+    protocol = protocol_from_args(args)
     workdir = Path(args.workdir or f"runs/{args.model.replace(':', '_').replace('/', '_')}")
     if args.resume and args.overwrite:
         raise CommandError("--resume and --overwrite exclude each other")
@@ -250,7 +251,6 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
             shutil.rmtree(workdir)
         with open_store(args, pool, session, 1) as store:
             ensure_overhead(store, pool, session)
-            protocol = protocol_from_args(args)
             calibrate(store, pool, network, session, args.calibrate, args.seed, args.step,
                       protocol)
             announce_on_demand(store, pool, network, session, args.step)  # keys, time

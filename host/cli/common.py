@@ -161,6 +161,10 @@ def add_protocol_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-rounds", type=int, default=d.max_rounds,
                    help=f"most rounds before a figure is reported not tight (default "
                         f"{d.max_rounds})")
+    g.add_argument("--decision-rounds", type=int, default=d.decision_rounds,
+                   help=f"most rounds a budget decision takes while its interval straddles the "
+                        f"budget, before it is decided on the median (default "
+                        f"{d.decision_rounds})")
     g.add_argument("--target-halfwidth", type=float, default=d.target_halfwidth,
                    help=f"stop when every 95%% interval is within this fraction of its figure "
                         f"(default {d.target_halfwidth}, i.e. +-{100 * d.target_halfwidth:.1f}%%)")
@@ -172,9 +176,11 @@ def protocol_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
 
     try:
         return WholeModelProtocol(min_rounds=args.min_rounds, max_rounds=args.max_rounds,
+                                  decision_rounds=args.decision_rounds,
                                   target_halfwidth=args.target_halfwidth)
     except ValueError as exc:
-        raise CommandError(f"{exc} (--min-rounds, --max-rounds, --target-halfwidth)") from None
+        raise CommandError(f"{exc} (--min-rounds, --max-rounds, --decision-rounds, "
+                           f"--target-halfwidth)") from None
 
 
 def token_from_args(args: argparse.Namespace) -> str | None:

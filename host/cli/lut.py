@@ -223,12 +223,13 @@ def announce_on_demand(store: LutStore, pool: DevicePool, network: Network, sess
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
     if args.variants < 1:
         raise CommandError("--variants must be >= 1")
+    protocol = protocol_from_args(args)
     network = load_network_from_args(args)
     session = session_from_args(args)
     with pool_from_args(args) as pool, \
             open_store(args, pool, session, network.input_shape[0]) as store:
         report = validate(store, pool, network, session, args.variants, args.seed, args.step,
-                          args.calibrate, protocol_from_args(args))
+                          args.calibrate, protocol)
         lut_path = str(store.path)
     data = report.to_dict()
     data["lut"] = lut_path

@@ -12,7 +12,10 @@ The protocol (README, "The measurement contract"):
 - A network's figure is the **median over rounds** with its distribution-free 95% interval
   (order statistics; 6 rounds give the first 95% interval). Passes go on until every interval
   is narrower than `target_halfwidth` (e.g. +-1.5%), or a caller's decision rule is settled,
-  or `max_rounds` / `max_seconds` is hit: then the figure is reported as not tight.
+  or `max_rounds` / `max_seconds` is hit: then the figure is reported as not tight. A decision
+  rule (is the budget met?) may take up to `decision_rounds` passes instead: a decision whose
+  interval still straddles its limit is worth a few more seconds of measuring, and deciding it
+  on a straddling interval let a run stop just past its budget on a noisy machine.
 - A **ratio** of two networks (a candidate against the original, for a relative budget) is the
   median over passes of the per-pass ratio, with its interval: the two were measured seconds
   apart in every pass, so the device's slow drift cancels.
@@ -47,14 +50,15 @@ class WholeModelProtocol:
     policy: MeasurePolicy = WHOLE_MODEL_POLICY
     min_rounds: int = 6              # the fewest with a 95% interval of the median
     max_rounds: int = 16
+    decision_rounds: int = 48        # the cap when a caller's decision rule is not yet settled
     target_halfwidth: float = 0.015  # relative half-width of the 95% interval to stop at
     max_seconds: float = 120.0       # per call of measure_networks
     retake_steal: float = 0.10       # a round with more hypervisor steal is taken again
     max_retakes: int = 6             # per call, over all networks
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_rounds <= self.max_rounds:
-            raise ValueError("need 1 <= min_rounds <= max_rounds")
+        if not 1 <= self.min_rounds <= self.max_rounds <= self.decision_rounds:
+            raise ValueError("need 1 <= min_rounds <= max_rounds <= decision_rounds")
         if self.target_halfwidth <= 0:
             raise ValueError("target_halfwidth must be > 0")
 
@@ -140,7 +144,8 @@ def measure_networks(
     on_pass: Callable[[int], None] | None = None,
 ) -> Rounds:
     """Measures every network in interleaved passes until `settled(rounds)` (default: every
-    network's interval is tight) after `protocol.min_rounds` passes, or the protocol's caps.
+    network's interval is tight) after `protocol.min_rounds` passes, or the protocol's caps
+    (`max_rounds` passes, or `decision_rounds` when `settled` is given; `max_seconds`).
 
     Args:
         client: the device.
@@ -156,7 +161,8 @@ def measure_networks(
     shas = [client.upload_model(b) for b in blobs]
     rounds = Rounds([[] for _ in shas], protocol.target_halfwidth)
     done = settled or (lambda r: all(f.tight for f in r.figures()))
-    while rounds.passes < protocol.max_rounds:
+    cap = protocol.max_rounds if settled is None else protocol.decision_rounds
+    while rounds.passes < cap:
         p = rounds.passes
         order = range(len(shas)) if p % 2 == 0 else reversed(range(len(shas)))
         for i in order:

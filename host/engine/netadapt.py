@@ -154,7 +154,8 @@ class AdaptResult:
             r = self.final_ratio
             return (f"{self.original_latency_final_pass_ms:.4f} ms -> "
                     f"{self.final_latency_ms:.4f} ms measured in the same passes: "
-                    f"{r.value:.3f} of the original [{r.low:.3f}, {r.high:.3f}] = "
+                    f"{r.value:.3f} of the original [{r.low:.3f}, {r.high:.3f}]"
+                    f"{'' if r.tight else ' (not tight)'} = "
                     f"{self.speedup:.2f}x, budget {self.budget_fraction:.3f} "
                     f"({1 / self.budget_fraction:.2f}x), estimate "
                     f"{self.estimated_latency_ms:.4f} ms")
