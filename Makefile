@@ -45,7 +45,7 @@ protos: $(STAMP)
 		-I "$$($(PYTHON) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))')" \
 		--python_out=. --grpc_python_out=. --pyi_out=. protos/device.proto
 
-# The main job, ~10 minutes on 2 cores (a proposal worker each): MobileNetV1 (width 0.5) on the
+# The main job, 10-20 minutes on 2 cores (a proposal worker each): MobileNetV1 (width 0.5) on the
 # built-in 5,000 MNIST digits, half the measured latency, on a daemon started on loopback.
 run: $(STAMP) protos
 	$(BIN)/netadapt-host adapt --model mobilenet_v1 --model-arg width_mult=0.5 --data mnist_5k \
@@ -100,7 +100,7 @@ bench-models: $(STAMP) protos
 bench-protocol: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_protocol.py --out bench-results/protocol.json
 
-# `make run` three times quiet and three times beside a noisy neighbour, interleaved (~60 min).
+# `make run` three times quiet and three times beside a noisy neighbour, interleaved (1-2 hours).
 bench-run: $(STAMP) protos
 	$(PYTHON) benchmarks/bench_run.py --runs 3 --out bench-results/run.json
 
