@@ -192,6 +192,22 @@ def test_a_final_figure_that_is_not_tight_says_so_in_the_summary_line() -> None:
     assert "[0.489, 0.491] = 2.04x" in tight.describe_latency() and tight.budget_met
 
 
+def test_an_absolute_budget_summary_line_also_says_when_the_final_figure_is_not_tight(
+) -> None:
+    from host.device.whole_model import Figure
+    from host.engine.netadapt import AdaptResult
+
+    def result(final: Figure) -> AdaptResult:
+        return AdaptResult(Path("w"), 0.3, 0.15, final.value, 0.3, 0.15, 0.9, 0.9, 0.9, 0.9, 3,
+                           final_figure=final)
+
+    wide = result(Figure(0.1605, 0.151, 0.203, 16, tight=False))
+    assert "0.1605 ms [0.1510, 0.2030] (not tight) measured" in wide.describe_latency()
+    assert not wide.budget_met
+    tight = result(Figure(0.147, 0.1465, 0.1475, 6, tight=True))
+    assert "0.1470 ms [0.1465, 0.1475] measured" in tight.describe_latency() and tight.budget_met
+
+
 # -- calibration ----------------------------------------------------------------------------
 def test_calibration_refuses_samples_with_wide_intervals(caplog: pytest.LogCaptureFixture
                                                          ) -> None:

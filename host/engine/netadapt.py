@@ -160,7 +160,8 @@ class AdaptResult:
                     f"({1 / self.budget_fraction:.2f}x), estimate "
                     f"{self.estimated_latency_ms:.4f} ms")
         f = self.final_figure
-        interval = f" [{f.low:.4f}, {f.high:.4f}]" if f is not None else ""
+        interval = (f" [{f.low:.4f}, {f.high:.4f}]{'' if f.tight else ' (not tight)'}"
+                    if f is not None else "")
         return (f"{self.final_latency_ms:.4f} ms{interval} measured ({self.speedup:.2f}x the "
                 f"original's {self.original_latency_final_pass_ms:.4f} ms in the same passes), "
                 f"budget {self.budget_ms:.4f} ms, estimate {self.estimated_latency_ms:.4f} ms")
