@@ -18,7 +18,13 @@ import torch
 from device_server.server import RunningServer
 from host.cli.netadapt_host import main as host_main
 from host.engine.config import Budget
-from host.engine.netadapt import BudgetUnreachable, CheckpointError, IterationRecord, _State
+from host.engine.netadapt import (
+    BudgetUnreachable,
+    CheckpointError,
+    IterationRecord,
+    NetAdapt,
+    _State,
+)
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
 from host.progress import Progress
@@ -118,6 +124,10 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
     assert "the device measures" in caplog.text
     check = result.history[-1].budget_check
     assert check is not None and check["limit"] == 0.6 and _met(check)
+    # The line's far end is checkpointed: a resumed run retargets on the same secant.
+    smallest = engine._load().smallest
+    assert smallest is not None and smallest[0] < flat.estimate(engine.network.specs(full))
+    assert smallest[1] < 0.6
     # An absolute budget the smallest network misses on the device too is refused, naming both.
     refused = small_engine((pool, store, flat), splits, tmp_path / "refused",
                            _config(budget=Budget(ms=1e-4)))
@@ -168,6 +178,37 @@ def test_an_absolute_budget_the_original_already_meets_prunes_nothing(
     assert sum(p.numel() for p in engine.final_model.parameters()) == sum(
         p.numel() for p in engine.network.model.parameters())
     assert result.budget_met
+
+
+def test_a_miss_on_a_flat_table_moves_the_target_along_the_secant_not_below_the_grid() -> None:
+    # Seen in CI: a table whose ratios ran flatter than the device's (the whole grid within
+    # 0.1% of the original's estimate, the smallest network measured at 0.30 of the original)
+    # missed a 0.6 budget by 16% at an estimate of 79.60 ms. Dividing the target by the miss
+    # put it at 68.6 ms, below every network on the grid: no check was made again and the run
+    # ended "no layer can be pruned further". The target is read from the secant instead.
+    full, small_est, small_ratio = 79.69, 79.56, 0.2954
+    state = _State(5, torch.nn.Identity(), {}, 1.0, 0.6, 79.6119, 0.9, {},
+                   (small_est, small_ratio))
+    estimate, over = 79.60, 1.16
+    target = NetAdapt._retarget(state, estimate, over)
+    assert small_est < target < estimate
+    ratio = over * 0.6
+    # On the secant through (estimate, measured ratio) and the smallest network, the new
+    # target is where the ratio reaches the budget.
+    at_target = small_ratio + (ratio - small_ratio) * (target - small_est) / (estimate - small_est)
+    assert at_target == pytest.approx(0.6)
+    assert target < full
+    # An absolute budget uses the same line (its fraction of the original measured then).
+    absolute = _State(5, torch.nn.Identity(), {}, 2.0, 1.2, 79.6119, 0.9, {},
+                      (small_est, small_ratio))
+    assert NetAdapt._retarget(absolute, estimate, over) == pytest.approx(target)
+    # A noisy figure below the smallest network's: aim at the smallest, never past it.
+    assert NetAdapt._retarget(state, 79.55, 1.01) == pytest.approx(79.55)
+    assert NetAdapt._retarget(state, estimate, 0.2 / 0.6) == pytest.approx(small_est)
+    # Estimates proportional to the device's figures (no line drawn) scale by the miss.
+    plain = _State(5, torch.nn.Identity(), {}, 1.0, 0.6, 10.0, 0.9, {})
+    assert NetAdapt._retarget(plain, 9.5, 1.1) == pytest.approx(9.5 / 1.1)
+    assert NetAdapt._retarget(plain, 10.5, 1.1) == pytest.approx(10.0 / 1.1)
 
 
 def test_the_last_step_is_clipped_to_what_is_left_to_the_budget(

@@ -199,6 +199,10 @@ class _State:
     estimate_target_ms: float          # tightened when the device measures above budget
     original_holdout_accuracy: float
     measured: dict[int, float]         # iteration -> measured latency of the network then
+    # (estimate ms, measured ratio to the original) of the smallest network on the grid, when
+    # the table's ratios ran flatter than the device's: the far end of the line the estimate's
+    # target is read from (see `_initial_target`, `_retarget`).
+    smallest: tuple[float, float] | None = None
 
 
 def select_proposal(results: list[ProposalResult], current_acc: float,
@@ -339,7 +343,8 @@ class NetAdapt:
         return TrainConfig(epochs=1, batch_size=self.config.batch_size, lr=self.config.lr,
                            seed=self.config.seed)
 
-    def _initial_target(self, budget_ms: float, original_ms: float) -> float:
+    def _initial_target(self, budget_ms: float, original_ms: float
+                        ) -> tuple[float, tuple[float, float] | None]:
         """The estimate's first target, after checking that the budget can be reached.
 
         When the table says the smallest network on the grid misses the budget, the device
@@ -350,6 +355,10 @@ class NetAdapt:
         through the two networks measured and estimated: the original (1, its estimate) and
         the smallest (its measured ratio, its estimate).
 
+        Returns:
+            (the target in ms of the table's estimate, (the smallest network's estimate in ms,
+            its measured ratio to the original) when the line was drawn, else None).
+
         Raises:
             BudgetUnreachable: the smallest network measured above the budget.
         """
@@ -358,7 +367,7 @@ class NetAdapt:
         target = self._estimate_target(budget_ms, original_ms, full_ms)
         reachable = self.reachable_ms()
         if reachable <= target:
-            return target
+            return target, None
         smallest = self.network.pruned(self._floor_config(), self.config.importance)
         measured = self._measure([self.network.model, smallest],
                                  lambda r: r.ratio(1, 0).tight).ratio(1, 0)
@@ -376,12 +385,36 @@ class NetAdapt:
             log.warning("the table does not see the smallest network as faster (%s): the "
                         "estimate's target is the budget's fraction of the original's "
                         "estimate", where)
-            return fraction * full_ms
+            return fraction * full_ms, None
         anchored = full_ms - (1 - fraction) / (1 - measured.value) * (full_ms - reachable)
         log.warning("the table's ratios disagree with the device's (%s): the estimate's target "
                     "is %.4f ms, on the line through the original and the smallest network",
                     where, anchored)
-        return anchored
+        return anchored, (reachable, measured.value)
+
+    @staticmethod
+    def _retarget(state: _State, estimate: float, over: float) -> float:
+        """The estimate's target after the device measured the network estimated at
+        `estimate` ms at `over` x the budget (> 1: missed).
+
+        Estimates proportional to the device's figures scale down by the miss. Where the
+        table's ratios run flatter than the device's (`state.smallest` is known), a miss of a
+        few percent measured is a far smaller change in the estimate: the target is read from
+        the secant through this network and the smallest one, (estimate, measured ratio) each.
+        Dividing there by the miss put the target below every network on the grid (seen in
+        CI: "no layer can be pruned further" with the smallest network measured at 0.3 of the
+        original against a budget of 0.6).
+        """
+        aim = min(state.estimate_target_ms, estimate)
+        if state.smallest is None:
+            return aim / over
+        small_est, small_ratio = state.smallest
+        fraction = state.budget_ms / state.original_latency_ms
+        ratio = over * fraction  # this network's measured ratio to the original
+        if estimate <= small_est or ratio <= small_ratio:
+            return min(aim, small_est)  # noise: at or past the far end, aim at it
+        slope = (estimate - small_est) / (ratio - small_ratio)  # estimate ms per unit ratio
+        return min(aim, estimate - (ratio - fraction) * slope)
 
     @property
     def _calibrated(self) -> bool:
@@ -438,6 +471,7 @@ class NetAdapt:
             "estimate_target_ms": state.estimate_target_ms,
             "original_holdout_accuracy": state.original_holdout_accuracy,
             "measured": {str(k): v for k, v in state.measured.items()},
+            "smallest": list(state.smallest) if state.smallest else None,
             "adapt_config": json.dumps(dataclasses.asdict(self.config), sort_keys=True),
             "rng_state": torch.get_rng_state(),
         }
@@ -488,6 +522,8 @@ class NetAdapt:
             estimate_target_ms=float(data["estimate_target_ms"]),
             original_holdout_accuracy=float(data["original_holdout_accuracy"]),
             measured={int(k): float(v) for k, v in data["measured"].items()},
+            smallest=(float(data["smallest"][0]), float(data["smallest"][1]))
+            if data.get("smallest") else None,  # (absent before 2026-12: no line drawn)
         )
 
     def _history_path(self) -> Path:
@@ -533,9 +569,9 @@ class NetAdapt:
                 log.info("original network measured %s", original.describe())
                 original_ms = original.value
             budget = cfg.budget.resolve(original_ms)
-            state = _State(0, base, self.network.full_config(), original_ms, budget,
-                           self._initial_target(budget, original_ms),
-                           evaluate(base, self.splits.holdout), {})
+            target, smallest = self._initial_target(budget, original_ms)
+            state = _State(0, base, self.network.full_config(), original_ms, budget, target,
+                           evaluate(base, self.splits.holdout), {}, smallest)
             history = []
         if not has_state or not resume:  # only a run that can start leaves a folder behind
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -586,7 +622,7 @@ class NetAdapt:
                 if estimate <= state.estimate_target_ms:
                     # The device disagrees with the table: aim the estimate below this
                     # network's by the measured miss, so the next check needs another step.
-                    state.estimate_target_ms = min(state.estimate_target_ms, estimate) / over
+                    state.estimate_target_ms = self._retarget(state, estimate, over)
                     log.info("budget missed by %.1f%%: estimate target now %.4f ms",
                              100 * (over - 1), state.estimate_target_ms)
                     continue
@@ -633,7 +669,8 @@ class NetAdapt:
                 self.timings[f"{k}_s"] += seconds[k]
             state = _State(i + 1, chosen.model, chosen.proposal.config, state.original_latency_ms,
                            state.budget_ms, state.estimate_target_ms,
-                           state.original_holdout_accuracy, dict(state.measured))
+                           state.original_holdout_accuracy, dict(state.measured),
+                           state.smallest)
             record = IterationRecord(
                 iteration=i, group_id=chosen.proposal.group_id, group_root=chosen.proposal.root,
                 channels=dict(chosen.proposal.config), target_reduction=target,
