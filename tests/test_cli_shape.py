@@ -26,6 +26,16 @@ def test_the_brief_invocation_means_adapt(tmp_path: Path) -> None:
     assert "invalid choice" not in err.getvalue()
 
 
+def test_a_budget_margin_out_of_range_is_one_line_before_any_work(tmp_path: Path) -> None:
+    for margin in ("0.7", "-0.01"):
+        err = io.StringIO()
+        code = main(["--device", "127.0.0.1:9", "--budget-margin", margin, "--workdir",
+                     str(tmp_path / "w")], out=io.StringIO(), err=err)
+        assert code != 0 and err.getvalue().count("\n") == 1, err.getvalue()
+        assert "budget margin" in err.getvalue() and "127.0.0.1:9" not in err.getvalue()
+        assert not (tmp_path / "w").exists()
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     out: dict[str, argparse.ArgumentParser] = {}
     for action in parser._actions:
@@ -44,7 +54,8 @@ def test_every_adapt_option_has_help_and_shows_its_default() -> None:
             continue
         assert action.help, f"adapt {action.option_strings[0]} has no help text"
     for shown in ("(default: 0.025)", "(default: 0.96)", "(default: latency)",
-                  "(default: 8)", "(default: 0)", "default 6", "default: start one on"):
+                  "(default: 8)", "(default: 0)", "(default: 0.02)", "default 6",
+                  "default: start one on"):
         assert shown in text, shown
 
 

@@ -89,6 +89,10 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     one.add_argument("--speedup", type=float,
                      help="measured speedup over the original, e.g. 2 (= --budget 0.5)")
     d = AdaptConfig(Budget(fraction=0.5))
+    budget.add_argument("--budget-margin", type=float, default=d.budget_margin,
+                        help="a budget check is met when the measured interval lies at or "
+                             "below budget x (1 - this), so that drift between figures taken "
+                             "minutes apart stays within the budget")
     alg = p.add_argument_group("the algorithm (paper, Algorithm 1)")
     alg.add_argument("--initial-reduction", type=float, default=d.initial_reduction,
                      help="ΔR_0: each iteration's target reduction, as a fraction of the "
@@ -224,7 +228,8 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
         importance=args.importance,
         step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
         long_term_epochs=args.long_term_epochs, lr=args.lr,
-        max_iterations=args.max_iterations, workers=args.workers, executor=args.executor,
+        max_iterations=args.max_iterations, budget_margin=args.budget_margin,
+        workers=args.workers, executor=args.executor,
         ray_address=args.ray_address, gpus_per_proposal=args.gpus_per_proposal, seed=args.seed)
     if config.executor == "ray":  # before any training or measuring, not at the first iteration
         from host.engine.ray_executor import RayUnavailable, import_ray

@@ -56,6 +56,10 @@ class AdaptConfig:
     lr: float = 1e-3
     batch_size: int = 64
     max_iterations: int = 300
+    # The budget is a constraint: a check meets it when the measured interval lies at or below
+    # budget x (1 - margin). Two figures of one network taken minutes apart moved by 1.4-2.1%
+    # where the first one's interval had met the budget (README, bench-run's tenth day).
+    budget_margin: float = 0.02
     workers: int = 1                  # local proposal workers (executor "local")
     executor: str = "local"           # local (in-process or worker pool) | ray
     ray_address: str | None = None    # an existing Ray cluster; None starts one on this machine
@@ -72,6 +76,9 @@ class AdaptConfig:
             raise ValueError(f"unknown importance {self.importance!r}; use l2 or l1")
         if not 0 < self.max_cut <= 1:
             raise ValueError(f"max_cut must be in (0, 1], got {self.max_cut}")
+        if not 0 <= self.budget_margin < 0.5:
+            raise ValueError(f"the budget margin must be in [0, 0.5), e.g. 0.02, got "
+                             f"{self.budget_margin}")
         if not 0 < self.initial_reduction < 1 or not 0 < self.decay <= 1:
             raise ValueError("initial reduction must be in (0, 1) and decay in (0, 1]")
         if self.workers < 1 or self.step < 1 or self.short_term_steps < 0:
