@@ -655,7 +655,7 @@ class NetAdapt:
                     aim = (state.budget_ms / state.original_latency_ms
                            * (1 - self.config.budget_margin))
                     state.estimate_target_ms = self._retarget(state, estimate, over, aim)
-                    log.info("budget missed by %.1f%%: estimate target now %.4f ms",
+                    log.info("aim missed by %.1f%%: estimate target now %.4f ms",
                              100 * (over - 1), state.estimate_target_ms)
                     continue
             i = state.iteration
