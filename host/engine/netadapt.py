@@ -339,7 +339,7 @@ class NetAdapt:
         # The candidate is the last network measured: over the original (relative), or alone.
         models = [self.network.model, model] if fraction is not None else [model]
         limit = fraction if fraction is not None else state.budget_ms
-        aim = limit * (1 - self.config.budget_margin)
+        aim = self._aim(limit)
 
         def interval(r: Rounds) -> Figure:
             return r.ratio(1, 0) if fraction is not None else r.figure(0)
@@ -355,6 +355,11 @@ class NetAdapt:
         log.info("budget check: %s %s vs %.4f (budget %.4f): %s", record["figure"],
                  fig.describe(unit=""), aim, limit, decision)
         return decision == "met", over, record
+
+    def _aim(self, limit: float) -> float:
+        """What budget checks are met at: `limit` (a fraction of the original, or ms) less
+        `AdaptConfig.budget_margin`."""
+        return limit * (1 - self.config.budget_margin)
 
     @staticmethod
     def _settled(interval: Callable[[Rounds], Figure], limit: float
@@ -389,7 +394,7 @@ class NetAdapt:
                 margin (what budget checks are met at).
         """
         fraction = budget_ms / original_ms
-        aim = fraction * (1 - self.config.budget_margin)  # what budget checks are met at
+        aim = self._aim(fraction)
         full_ms = self._estimate(self.network.full_config())
         target = self._estimate_target(aim * original_ms, original_ms, full_ms)
         reachable = self.reachable_ms()
@@ -652,8 +657,7 @@ class NetAdapt:
                 if estimate <= state.estimate_target_ms:
                     # The device disagrees with the table: aim the estimate below this
                     # network's by the measured miss, so the next check needs another step.
-                    aim = (state.budget_ms / state.original_latency_ms
-                           * (1 - self.config.budget_margin))
+                    aim = self._aim(state.budget_ms / state.original_latency_ms)
                     state.estimate_target_ms = self._retarget(state, estimate, over, aim)
                     log.info("aim missed by %.1f%%: estimate target now %.4f ms",
                              100 * (over - 1), state.estimate_target_ms)
@@ -699,10 +703,10 @@ class NetAdapt:
             }
             for k in ("surgery", "finetune", "eval"):
                 self.timings[f"{k}_s"] += seconds[k]
-            state = _State(i + 1, chosen.model, chosen.proposal.config, state.original_latency_ms,
-                           state.budget_ms, state.estimate_target_ms,
-                           state.original_holdout_accuracy, dict(state.measured),
-                           state.smallest)
+            # Every other field carries over (the budget, targets, the line's far end).
+            state = dataclasses.replace(state, iteration=i + 1, model=chosen.model,
+                                        config=chosen.proposal.config,
+                                        measured=dict(state.measured))
             record = IterationRecord(
                 iteration=i, group_id=chosen.proposal.group_id, group_root=chosen.proposal.root,
                 channels=dict(chosen.proposal.config), target_reduction=target,
