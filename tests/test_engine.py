@@ -26,6 +26,7 @@ from host.engine.netadapt import (
     NetAdapt,
     _State,
     budget_decision,
+    budget_settled,
 )
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
@@ -194,6 +195,20 @@ def test_a_budget_check_is_met_only_when_its_interval_clears_the_aim() -> None:
     # Within the budget but above the aim, tightly: a miss the engine prunes past.
     decision, over = budget_decision(Figure(0.495, 0.493, 0.497, 12, True), aim)
     assert decision == "missed" and over == pytest.approx(0.495 / aim) and over > 1
+
+
+def test_a_budget_check_stops_the_run_only_on_a_tight_interval_below_the_aim() -> None:
+    # The eleventh day's run 4: met on six passes beside the neighbour, 0.435 [0.366, 0.479],
+    # then 0.487 in the final pass. Below the aim but wide: measure on, up to the cap.
+    aim = 0.5 * (1 - 0.02)
+    assert not budget_settled(Figure(0.435, 0.366, 0.479, 6, False), aim)
+    assert budget_settled(Figure(0.47, 0.465, 0.476, 14, True), aim)
+    # A miss settles on any interval clear above the aim: the next step checks again.
+    assert budget_settled(Figure(0.60, 0.52, 0.70, 6, False), aim)
+    assert not budget_settled(Figure(0.486, 0.470, 0.500, 20, False), aim)
+    assert not budget_settled(Figure(0.488, 0.484, 0.492, 30, True), aim)
+    # At the cap the decision takes the interval as it is: below the aim is met.
+    assert budget_decision(Figure(0.435, 0.366, 0.479, 48, False), aim)[0] == "met"
 
 
 def test_a_miss_on_a_flat_table_moves_the_target_along_the_secant_not_below_the_grid() -> None:
