@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import statistics
 import textwrap
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, 
     assert check["limit"] == 0.6 and _met(check)
     assert check["low"] <= check["value"] <= check["high"] and check["rounds"] >= 6
     assert result.final_ratio is not None and result.budget_fraction == 0.6
+    # The final pass keeps every pass: [original, final][pass] ms, whose ratio is the figure.
+    original_passes, final_passes = result.final_passes_ms or [[], []]
+    assert len(final_passes) == result.final_ratio.rounds
+    assert statistics.median(f / o for o, f in zip(original_passes, final_passes, strict=True)
+                             ) == pytest.approx(result.final_ratio.value)
     ests = [r.estimated_latency_ms for r in result.history]
     assert ests == sorted(ests, reverse=True)
     summary = write_outputs(tmp_path / "run", result, engine.final_model, engine.network,
@@ -267,7 +273,16 @@ def _met(check: dict[str, object]) -> bool:
     """Met: the interval at or below the aim, the budget less its margin. An interval that
     still straddles the aim at the round cap is a miss (the budget is a constraint)."""
     high, limit, aim = (float(check[k]) for k in ("high", "limit", "aim"))  # type: ignore[arg-type]
-    return check["decision"] == "met" and high <= aim < limit
+    return check["decision"] == "met" and high <= aim < limit and _holds_its_passes(check)
+
+
+def _holds_its_passes(check: dict[str, object]) -> bool:
+    """The record keeps every pass it was decided on, and its figure is their median."""
+    passes: list[list[float]] = check["passes_ms"]  # type: ignore[assignment]
+    per_pass = ([c / o for o, c in zip(passes[0], passes[-1], strict=True)]
+                if check["figure"] == "ratio to original" else passes[-1])
+    return (len(per_pass) == check["rounds"]
+            and statistics.median(per_pass) == pytest.approx(check["value"]))
 
 
 def _records(path: Path) -> list[tuple[int, dict[str, int], float]]:

@@ -137,6 +137,9 @@ class AdaptResult:
     final_figure: Figure | None = None
     original_final_figure: Figure | None = None
     final_ratio: Figure | None = None
+    # Every pass of the final measurement, [original, final][pass] in ms: kept, not only the
+    # figures, so how the ratio moves with interference can be read afterwards.
+    final_passes_ms: list[list[float]] | None = None
 
     @property
     def speedup(self) -> float:
@@ -182,6 +185,7 @@ class AdaptResult:
             "original_final_figure": (self.original_final_figure.to_dict()
                                       if self.original_final_figure else None),
             "final_ratio": self.final_ratio.to_dict() if self.final_ratio else None,
+            "final_passes_ms": self.final_passes_ms,
             "budget_ms": self.budget_ms,
             "estimated_latency_ms": self.estimated_latency_ms,
             "original_accuracy": self.original_accuracy,
@@ -366,7 +370,7 @@ class NetAdapt:
         record = {"figure": "ratio to original" if fraction is not None else "latency ms",
                   "limit": limit, "aim": aim, "decision": decision, "measured_ms": measured_ms,
                   "retaken_rounds": rounds.retaken, "other_load": rounds.other_load,
-                  **fig.to_dict()}
+                  **fig.to_dict(), "passes_ms": rounds.values}
         log.info("budget check: %s %s vs %.4f (budget %.4f): %s", record["figure"],
                  fig.describe(unit=""), aim, limit, decision)
         return decision == "met", over, record
@@ -797,6 +801,7 @@ class NetAdapt:
             final_figure=final_fig,
             original_final_figure=original_fig,
             final_ratio=rounds.ratio(1, 0),
+            final_passes_ms=rounds.values,
         )
         self.final_model = model
         self.final_config = state.config
