@@ -16,10 +16,11 @@ between figures of one network taken minutes apart): a check is met when the int
 or below the aim (and, before the protocol's cap, is tight), missed when above; in between the
 device measures more passes, and an interval that still straddles the aim at the cap counts
 as missed. Once
-the estimate is within `MEASURE_WITHIN` of its target every iteration is measured, so a table
-that over-estimates cannot carry the run far past the budget unmeasured. A table that could not
-be calibrated (plain sums, off by a factor and flatter than the device) steers by the budget's
-fraction of the original's estimate, and every iteration is measured.
+the estimate is within `MEASURE_WITHIN` of its target every iteration is measured, and before
+that whenever the estimate fell `MEASURE_EVERY_DROP` since the last network measured, so a
+table that over-estimates cannot carry the run far past the budget unmeasured. A table that
+could not be calibrated (plain sums, off by a factor and flatter than the device) steers by the
+budget's fraction of the original's estimate, and every iteration is measured.
 
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
@@ -78,6 +79,10 @@ STATE_FILE = "checkpoints/state.pt"
 CHECKPOINT_FORMAT = "netadapt-run-state"
 CHECKPOINT_VERSION = 2   # 1: a pickled _State with the nn.Module inside (refused)
 MEASURE_WITHIN = 0.15   # measure every iteration once the estimate is this close to its target
+# ... and, before that, whenever the estimate fell this much (relative) since the last network
+# measured: a table whose ratios run flatter than the device's (one over-estimated a run's
+# networks by 39%) would otherwise let the device pass the budget unmeasured.
+MEASURE_EVERY_DROP = 0.05
 
 
 class BudgetUnreachable(ValueError):
@@ -375,6 +380,14 @@ class NetAdapt:
                  fig.describe(unit=""), aim, limit, decision)
         return decision == "met", over, record
 
+    def _last_measured_estimate(self, history: list[IterationRecord]) -> float:
+        """The table's estimate (ms) of the last network the device measured: the original's
+        when none since."""
+        for record in reversed(history):
+            if record.measured_latency_ms is not None:
+                return record.estimated_latency_ms
+        return self._estimate(self.network.full_config())
+
     def _aim(self, limit: float) -> float:
         """What budget checks are met at: `limit` (a fraction of the original, or ms) less
         `AdaptConfig.budget_margin`."""
@@ -656,7 +669,9 @@ class NetAdapt:
                              state.budget_ms)
                     break
             elif not checked and (not self._calibrated
-                                  or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)):
+                                  or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)
+                                  or estimate <= (1 - MEASURE_EVERY_DROP)
+                                  * self._last_measured_estimate(history)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
                 if history:  # (empty only when a resumed run's history.jsonl was removed)
