@@ -15,12 +15,12 @@ constraint, and the engine aims a margin below it (`AdaptConfig.budget_margin`, 
 between figures of one network taken minutes apart): a check is met when the interval lies at
 or below the aim (and, before the protocol's cap, is tight), missed when above; in between the
 device measures more passes, and an interval that still straddles the aim at the cap counts
-as missed. Once
-the estimate is within `MEASURE_WITHIN` of its target every iteration is measured, and before
-that whenever the estimate fell `MEASURE_EVERY_DROP` since the last network measured, so a
-table that over-estimates cannot carry the run far past the budget unmeasured. A table that
-could not be calibrated (plain sums, off by a factor and flatter than the device) steers by the
-budget's fraction of the original's estimate, and every iteration is measured.
+as missed. Once the estimate is within `MEASURE_WITHIN` of its target every iteration is
+measured, and before that whenever the estimate fell `MEASURE_EVERY_DROP` since the last
+network measured, so a table that over-estimates cannot carry the run far past the budget
+unmeasured. A table that could not be calibrated (plain sums, off by a factor and flatter
+than the device) steers by the budget's fraction of the original's estimate, and every
+iteration is measured.
 
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
