@@ -28,6 +28,7 @@ from host.engine.netadapt import (
     _State,
     budget_decision,
     budget_settled,
+    last_measured_estimate,
 )
 from host.engine.proposals import choose_proposals
 from host.engine.report import write_outputs
@@ -237,6 +238,19 @@ def test_a_budget_check_stops_the_run_only_on_a_tight_interval_below_the_aim() -
     assert not budget_settled(Figure(0.488, 0.484, 0.492, 30, True), aim)
     # At the cap the decision takes the interval as it is: below the aim is met.
     assert budget_decision(Figure(0.435, 0.366, 0.479, 48, False), aim)[0] == "met"
+
+
+def test_checks_every_5_percent_count_from_the_checkpoint_not_from_history_jsonl() -> None:
+    # history.jsonl records a check at once; the checkpoint only with the next step. A run
+    # interrupted after a check that met must check that network again on resume.
+    def record(i: int, est: float, measured: float | None) -> IterationRecord:
+        return IterationRecord(i, 0, "g", {}, 0.0, est, est, measured, 0.9, 0.9, [], {})
+    history = [record(0, 1.0, None), record(1, 0.9, 0.8), record(2, 0.8, None),
+               record(3, 0.7, 0.6)]
+    assert last_measured_estimate({}, history) is None
+    assert last_measured_estimate({2: 0.8}, history) == 0.9   # network 4's check not saved
+    assert last_measured_estimate({2: 0.8, 4: 0.6}, history) == 0.7
+    assert last_measured_estimate({9: 0.5}, history) is None   # its record was removed
 
 
 def test_a_miss_on_a_flat_table_moves_the_target_along_the_secant_not_below_the_grid() -> None:

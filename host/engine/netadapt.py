@@ -254,6 +254,23 @@ def budget_settled(fig: Figure, aim: float) -> bool:
     return fig.low > aim or (fig.high <= aim and fig.tight)
 
 
+def last_measured_estimate(measured: dict[int, float], history: list[IterationRecord]
+                           ) -> float | None:
+    """The table's estimate (ms) of the last network the device measured, or None.
+
+    Read from the checkpointed ``measured`` (iteration -> ms) and the record of the step that
+    made that network (record i makes network i + 1), not from history.jsonl's own figures:
+    history.jsonl is written as soon as a check is made, the checkpoint only with the next
+    step, so a run interrupted after a check that met the budget must make that check again
+    on resume, as the uninterrupted run did.
+    """
+    by_network = {r.iteration + 1: r.estimated_latency_ms for r in history}
+    for i in sorted(measured, reverse=True):
+        if i in by_network:
+            return by_network[i]
+    return None
+
+
 def select_proposal(results: list[ProposalResult], current_acc: float,
                     selection: str, current_loss: float = math.nan) -> ProposalResult:
     """The proposal an iteration keeps (paper, Sec. 3.2: the most accurate; the other rules
@@ -380,13 +397,11 @@ class NetAdapt:
                  fig.describe(unit=""), aim, limit, decision)
         return decision == "met", over, record
 
-    def _last_measured_estimate(self, history: list[IterationRecord]) -> float:
+    def _last_measured_estimate(self, state: _State, history: list[IterationRecord]) -> float:
         """The table's estimate (ms) of the last network the device measured: the original's
         when none since."""
-        for record in reversed(history):
-            if record.measured_latency_ms is not None:
-                return record.estimated_latency_ms
-        return self._estimate(self.network.full_config())
+        last = last_measured_estimate(state.measured, history)
+        return last if last is not None else self._estimate(self.network.full_config())
 
     def _aim(self, limit: float) -> float:
         """What budget checks are met at: `limit` (a fraction of the original, or ms) less
@@ -671,7 +686,7 @@ class NetAdapt:
             elif not checked and (not self._calibrated
                                   or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)
                                   or estimate <= (1 - MEASURE_EVERY_DROP)
-                                  * self._last_measured_estimate(history)):
+                                  * self._last_measured_estimate(state, history)):
                 met, over, check = self._check_budget(state, state.model)
                 state.measured[state.iteration] = check["measured_ms"]
                 if history:  # (empty only when a resumed run's history.jsonl was removed)
