@@ -64,6 +64,8 @@ def one_run(noise: bool, seed: int) -> dict[str, object]:
         "original_latency_final_pass_ms": summary["original_latency_final_pass_ms"],
         "original_accuracy": summary["original_accuracy"],
         "final_accuracy": summary["final_accuracy"],
+        # [network][pass] ms of the final interleaved pass: how interference moved the ratio.
+        "final_passes_ms": summary.get("final_passes_ms"),
         "budget_checks": [h["budget_check"] for h in history if h.get("budget_check")],
         # Kept so a run that ends far from its budget can be read afterwards.
         "history": [{k: v for k, v in h.items() if k != "proposals"} for h in history],
