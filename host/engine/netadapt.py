@@ -166,14 +166,12 @@ class AdaptResult:
             r = self.final_ratio
             return (f"{self.original_latency_final_pass_ms:.4f} ms -> "
                     f"{self.final_latency_ms:.4f} ms measured in the same passes: "
-                    f"{r.value:.3f} of the original [{r.low:.3f}, {r.high:.3f}]"
-                    f"{'' if r.tight else ' (not tight)'} = "
+                    f"{r.value:.3f} of the original {_interval(r, 3)} = "
                     f"{self.speedup:.2f}x, budget {self.budget_fraction:.3f} "
                     f"({1 / self.budget_fraction:.2f}x), estimate "
                     f"{self.estimated_latency_ms:.4f} ms")
         f = self.final_figure
-        interval = (f" [{f.low:.4f}, {f.high:.4f}]{'' if f.tight else ' (not tight)'}"
-                    if f is not None else "")
+        interval = f" {_interval(f, 4)}" if f is not None else ""
         return (f"{self.final_latency_ms:.4f} ms{interval} measured ({self.speedup:.2f}x the "
                 f"original's {self.original_latency_final_pass_ms:.4f} ms in the same passes), "
                 f"budget {self.budget_ms:.4f} ms, estimate {self.estimated_latency_ms:.4f} ms")
@@ -200,6 +198,11 @@ class AdaptResult:
             "iterations": self.iterations,
             "seconds": self.seconds,
         }
+
+
+def _interval(fig: Figure, digits: int) -> str:
+    """"[low, high]", flagged when the interval missed the protocol's target width."""
+    return f"[{fig.low:.{digits}f}, {fig.high:.{digits}f}]{'' if fig.tight else ' (not tight)'}"
 
 
 @dataclass
