@@ -10,6 +10,7 @@ import logging
 import statistics
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,7 @@ from host.cli.netadapt_host import main as host_main
 from host.device.whole_model import Figure
 from host.engine.config import Budget
 from host.engine.netadapt import (
+    MEASURE_WITHIN,
     BudgetUnreachable,
     CheckpointError,
     IterationRecord,
@@ -159,8 +161,34 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
                             Correction(c_sum=1.5 * fit.c_sum, c_units=1.5 * fit.c_units,
                                        samples=1),
                             fetch=est.fetch)
-    engine = small_engine((pool, store, over), splits, tmp_path / "run", _config())
-    result = engine.run()
+    first = small_engine((pool, store, over), splits, tmp_path / "run", _config())
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in the long-term fine-tune, after the check met
+
+    first._finish = interrupted  # type: ignore[method-assign,assignment]
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    # history.jsonl holds the check that met; the checkpoint does not (it is written with the
+    # next step). The check came from the 5% cadence, far above the estimate's target.
+    state = first._load()
+    on_disk = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
+    assert on_disk["iteration"] == state.iteration - 1
+    assert on_disk["budget_check"]["decision"] == "met"
+    assert state.iteration not in state.measured
+    assert first._estimate(state.config) > state.estimate_target_ms * (1 + MEASURE_WITHIN)
+    # Resumed, the run checks that network again before any step, not prune on unchecked.
+    resumed = small_engine((pool, store, over), splits, tmp_path / "run", _config())
+    checked: list[int] = []
+    check = resumed._check_budget
+
+    def counted(s: _State, model: torch.nn.Module) -> tuple[bool, float, dict[str, Any]]:
+        checked.append(s.iteration)
+        return check(s, model)
+
+    resumed._check_budget = counted  # type: ignore[method-assign,assignment]
+    result = resumed.run(resume=True)
+    assert checked and checked[0] == state.iteration, (checked, state.iteration)
     checks = [r.budget_check for r in result.history if r.budget_check]
     assert checks and _met(checks[-1])  # type: ignore[arg-type]
     # The run stopped near the budget, not where the estimate met its target far below it.
