@@ -22,7 +22,6 @@ from host.cli.netadapt_host import main as host_main
 from host.device.whole_model import Figure
 from host.engine.config import Budget
 from host.engine.netadapt import (
-    MEASURE_WITHIN,
     BudgetUnreachable,
     CheckpointError,
     IterationRecord,
@@ -149,7 +148,7 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
 
 
 def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_the_budget(
-    table, splits, tmp_path  # type: ignore[no-untyped-def]
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
 ) -> None:
     # Seen in bench-adapt: a calibrated table that estimated a run's networks 39% above the
     # device put the first check at 0.279 of the original for a budget of 0.35. Here the
@@ -161,6 +160,9 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
                             Correction(c_sum=1.5 * fit.c_sum, c_units=1.5 * fit.c_units,
                                        samples=1),
                             fetch=est.fetch)
+    # Checks only by the 5% cadence: none because the estimate neared its target (which a
+    # table flagged as flat, noise permitting, can move up to the run's networks).
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_WITHIN", -0.5)
     first = small_engine((pool, store, over), splits, tmp_path / "run", _config())
 
     def interrupted(*args: object) -> None:
@@ -170,13 +172,12 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     with pytest.raises(KeyboardInterrupt):
         first.run()
     # history.jsonl holds the check that met; the checkpoint does not (it is written with the
-    # next step). The check came from the 5% cadence, far above the estimate's target.
+    # next step).
     state = first._load()
     on_disk = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
     assert on_disk["iteration"] == state.iteration - 1
     assert on_disk["budget_check"]["decision"] == "met"
     assert state.iteration not in state.measured
-    assert first._estimate(state.config) > state.estimate_target_ms * (1 + MEASURE_WITHIN)
     # Resumed, the run checks that network again before any step, not prune on unchecked.
     resumed = small_engine((pool, store, over), splits, tmp_path / "run", _config())
     checked: list[int] = []
