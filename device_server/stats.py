@@ -16,8 +16,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-__all__ = ["TimingStats", "Conditions", "summarize", "quantile_interval", "median_interval",
-           "interval_coverage",
+__all__ = ["TimingStats", "Conditions", "summarize", "percentile", "quantile_interval",
+           "median_interval", "interval_coverage",
            "ROBUST_QUANTILE", "CONFIDENCE"]
 
 ROBUST_QUANTILE = 0.1   # the quantile of the samples reported as `value_ms`
@@ -81,7 +81,7 @@ class Conditions:
     pinned_cpus: tuple[int, ...] = field(default=())
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method) of sorted values."""
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -174,7 +174,7 @@ def summarize(
         median_ms=statistics.median(ordered),
         mean_ms=statistics.fmean(ordered),
         std_ms=statistics.pstdev(ordered) if len(ordered) > 1 else 0.0,
-        p90_ms=_percentile(ordered, 0.9),
+        p90_ms=percentile(ordered, 0.9),
         min_ms=ordered[0],
         max_ms=ordered[-1],
         samples_count=len(ordered),
@@ -182,7 +182,7 @@ def summarize(
         number=number,
         warmup_runs=warmup_runs,
         session_create_ms=session_create_ms,
-        value_ms=_percentile(ordered, ROBUST_QUANTILE),
+        value_ms=percentile(ordered, ROBUST_QUANTILE),
         ci_low_ms=low,
         ci_high_ms=high,
         preempted_samples=preempted_samples,

@@ -169,7 +169,7 @@ class VariantCheck:
     config: dict[int, int]
     estimated_ms: float
     naive_ms: float            # plain sum of standalone units, no overhead or correction
-    measured_ms: float         # whole network on the device: median over rounds
+    measured_ms: float         # whole network on the device: its figure over rounds
     measured_low_ms: float     # its 95% interval
     measured_high_ms: float
     rounds: int

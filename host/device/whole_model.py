@@ -9,38 +9,48 @@ The protocol (README, "The measurement contract"):
 - Rounds are **spread in time and interleaved**: every network once per pass, alternating the
   order, so a slow burst or drift of the device hits all of them alike. A round during which
   the hypervisor stole more than `retake_steal` of a core is taken again, not averaged in.
-- A network's figure is the **median over rounds** with its distribution-free 95% interval
-  (order statistics; 6 rounds give the first 95% interval). Passes go on until every interval
-  is narrower than `target_halfwidth` (e.g. +-1.5%), or a caller's decision rule is settled,
-  or `max_rounds` / `max_seconds` is hit: then the figure is reported as not tight. A decision
-  rule (is the budget met?) may take up to `decision_rounds` passes instead: a decision whose
-  interval still straddles its limit is worth a few more seconds of measuring, and deciding it
-  on a straddling interval let a run stop just past its budget on a noisy machine.
-- A **ratio** of two networks (a candidate against the original, for a relative budget) is the
-  median over passes of the per-pass ratio, with its interval: the two were measured seconds
-  apart in every pass, so the device's slow drift cancels.
+- A network's figure is a **low quantile over rounds** (`PASS_QUANTILE`, the 10th
+  percentile), for the reason each round is a low quantile of its samples: interference only
+  adds time, and on a shared machine a burst lasts longer than a round (0.1-0.3 s), so whole
+  rounds read slow. Its interval is distribution-free (order statistics, 95%); with 6 rounds
+  its upper end is the 3rd fastest round, so a figure is tight only when at least half of its
+  rounds agree. Passes go on until every interval is narrower than `target_halfwidth` (e.g.
+  +-1.5%), or a caller's decision rule is settled, or `max_rounds` / `max_seconds` is hit:
+  then the figure is reported as not tight. A decision rule (is the budget met?) may take up
+  to `decision_rounds` passes instead: a decision whose interval still straddles its limit is
+  worth a few more seconds of measuring, and deciding it on a straddling interval let a run
+  stop just past its budget on a noisy machine.
+- A **ratio** of two networks (a candidate against the original, for a relative budget) is
+  the ratio of their figures, taken from the same interleaved passes, so a drift of the
+  device over the passes moves both alike. Its interval joins the two figures' intervals
+  (each at 97.5%, so the pair holds with >= 95%). Until 2026-12 it was the median of the
+  per-pass ratios: a burst that slowed one network's round and not the other's moved that
+  pass's ratio, and a burst that slowed both compressed it towards 1, and on a shared machine
+  its intervals were often tight and wrong (measured: README, "make bench-protocol").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from device_server.spec import MeasurePolicy, SessionSpec
-from device_server.stats import TimingStats, median_interval, summarize
+from device_server.stats import CONFIDENCE, TimingStats, percentile, quantile_interval, summarize
 from host.device.client import DeviceClient
 
-__all__ = ["WHOLE_MODEL_POLICY", "DEFAULT_PROTOCOL", "WholeModelProtocol", "Figure", "Rounds",
-           "measure_networks"]
+__all__ = ["WHOLE_MODEL_POLICY", "DEFAULT_PROTOCOL", "PASS_QUANTILE", "WholeModelProtocol",
+           "Figure", "Rounds", "measure_networks"]
 
 log = logging.getLogger(__name__)
 
 # One round: >= 10 warm-up calls and 50 ms, then 60 samples of >= 1 ms (~0.1-0.3 s a round).
 WHOLE_MODEL_POLICY = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=60, min_repeat_ms=1)
+PASS_QUANTILE = 0.1  # of a network's rounds: its figure (see the module docstring)
+# Each of a ratio's two intervals, so that both hold together with >= CONFIDENCE (Bonferroni).
+_RATIO_SIDE_CONFIDENCE = 1 - (1 - CONFIDENCE) / 2
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class WholeModelProtocol:
     """How many rounds, and how tight (see the module docstring)."""
 
     policy: MeasurePolicy = WHOLE_MODEL_POLICY
-    min_rounds: int = 6              # the fewest with a 95% interval of the median
+    min_rounds: int = 6              # a figure's upper end is then its 3rd fastest round
     max_rounds: int = 16
     decision_rounds: int = 48        # the cap when a caller's decision rule is not yet settled
     target_halfwidth: float = 0.015  # relative half-width of the 95% interval to stop at
@@ -90,11 +100,16 @@ class Figure:
                 "tight": self.tight}
 
 
-def _figure(values: Sequence[float], target: float) -> Figure:
-    low, high = median_interval(list(values))
-    value = statistics.median(values)
-    tight = len(values) >= 2 and (high - low) / 2 <= target * value
-    return Figure(value, low, high, len(values), tight)
+def _quantile(values: Sequence[float], confidence: float) -> tuple[float, float, float]:
+    """(PASS_QUANTILE of `values`, its interval's low, high) at `confidence`."""
+    ordered = sorted(values)
+    low, high = quantile_interval(ordered, PASS_QUANTILE, confidence)
+    return percentile(ordered, PASS_QUANTILE), low, high
+
+
+def _figure(value: float, low: float, high: float, rounds: int, target: float) -> Figure:
+    tight = rounds >= 2 and (high - low) / 2 <= target * value
+    return Figure(value, low, high, rounds, tight)
 
 
 @dataclass
@@ -114,12 +129,17 @@ class Rounds:
         return len(self.values[0]) if self.values else 0
 
     def figure(self, i: int) -> Figure:
-        return _figure(self.values[i], self.target_halfwidth)
+        """Network i in ms: the PASS_QUANTILE of its rounds, with its 95% interval."""
+        return _figure(*_quantile(self.values[i], CONFIDENCE), len(self.values[i]),
+                       self.target_halfwidth)
 
     def ratio(self, i: int, reference: int) -> Figure:
-        """Network i over network `reference`, per pass (a speedup is 1 / this)."""
-        ratios = [a / b for a, b in zip(self.values[i], self.values[reference], strict=True)]
-        return _figure(ratios, self.target_halfwidth)
+        """Network i over network `reference` (a speedup is 1 / this): the ratio of their
+        figures from the same passes, with the interval both figures' intervals allow."""
+        a, a_low, a_high = _quantile(self.values[i], _RATIO_SIDE_CONFIDENCE)
+        b, b_low, b_high = _quantile(self.values[reference], _RATIO_SIDE_CONFIDENCE)
+        return _figure(a / b, a_low / b_high, a_high / b_low, self.passes,
+                       self.target_halfwidth)
 
     def figures(self) -> list[Figure]:
         return [self.figure(i) for i in range(len(self.values))]
