@@ -9,6 +9,16 @@ variation of each statistic over the calls (lower = repeats better), per network
 so every call builds a new ONNX Runtime session. Then the whole-network protocol
 (host/device/whole_model.py) twice per condition: how far its figures moved between the two runs.
 
+`--part ratio`: how a ratio of two networks (the budget check's figure) holds up. `make run`'s
+network and a variant pruned to about half are measured in `--passes` interleaved passes per
+condition; then windows of those passes are replayed through two estimators as a budget check
+uses them (from 6 passes, one more until the interval is within +-1.5%, at most 48): the
+median of per-pass ratios (until 2026-12) and the ratio of the two networks' figures (their
+10th percentile over passes, now). Reference: the ratio of the two networks' fastest passes
+over every pass of every condition. Reported per estimator: |error| against the reference, the
+passes taken, the share of windows tight, and of tight ones that missed the reference by more
+than 0.5% beyond their interval (tight and wrong).
+
 Policies: "old" (before the robust protocol: 20 samples of >= 5 ms, statistic: median) and
 "new" (60 samples of >= 1 ms, preempted samples taken again).
 """
@@ -25,12 +35,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 from device_server.spec import MeasurePolicy, SessionSpec
+from device_server.stats import median_interval
 from host.device.local_daemon import start_local_daemon
 from host.device.noisy_neighbour import NoisyNeighbour
-from host.device.whole_model import WHOLE_MODEL_POLICY, measure_networks
-from host.network import load_network, random_config
+from host.device.whole_model import (
+    WHOLE_MODEL_POLICY,
+    Figure,
+    Rounds,
+    WholeModelProtocol,
+    measure_networks,
+)
+from host.models.mobilenet_v1 import MobileNetV1
+from host.network import analyse, load_network, random_config
 
 OLD = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=20, min_repeat_ms=5)
 STATS = ("min", "p10", "p25", "median", "trimmed_mean")
@@ -82,10 +101,75 @@ def run_condition(client, nets: dict[str, bytes], repeats: int) -> dict[str, obj
             "protocol_seconds": [r.seconds for r in runs]}
 
 
+def _median_of_ratios(rounds: Rounds) -> Figure:
+    """The ratio before 2026-12: the median of per-pass ratios, with its median's interval."""
+    ratios = [c / o for o, c in zip(rounds.values[0], rounds.values[1], strict=True)]
+    low, high = median_interval(ratios)
+    value = float(np.median(ratios))
+    return Figure(value, low, high, len(ratios), (high - low) / 2 <= 0.015 * value)
+
+
+ESTIMATORS = {"median of per-pass ratios": _median_of_ratios,
+              "ratio of figures": lambda r: r.ratio(1, 0)}
+
+
+def replay(values: list[list[float]], reference: float) -> dict[str, dict[str, float]]:
+    """Windows of the passes (one starting every 6) through each estimator, as a check would
+    take them: from 6 passes, one more until tight, at most 48."""
+    out = {}
+    for name, estimator in ESTIMATORS.items():
+        errors, passes, tight, wrong = [], [], [], []
+        for start in range(0, len(values[0]) - 48 + 1, 6):
+            for n in range(6, 49):
+                fig = estimator(Rounds([v[start:start + n] for v in values], 0.015))
+                if fig.tight:
+                    break
+            errors.append(abs(fig.value / reference - 1))
+            passes.append(n)
+            tight.append(fig.tight)
+            wrong.append(fig.tight and not fig.low * 0.995 <= reference <= fig.high * 1.005)
+        out[name] = {"median_abs_error": float(np.median(errors)),
+                     "max_abs_error": float(max(errors)),
+                     "median_passes": float(np.median(passes)),
+                     "tight_share": float(np.mean(tight)),
+                     "tight_and_wrong_share": float(np.mean(wrong)),
+                     "windows": len(errors)}
+    return out
+
+
+def run_ratio_part(client, passes: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    net = analyse("mobilenet_v1", MobileNetV1(width_mult=0.5), (1, 1, 28, 28))
+    blobs = [net.onnx(), net.onnx(random_config(net.groups, random.Random(3), keep=0.6))]
+    protocol = WholeModelProtocol(max_rounds=passes, decision_rounds=passes, max_seconds=1e9)
+    values = {}
+    for cond in ("quiet", "noisy neighbour"):
+        ctx = (NoisyNeighbour(seed=4, duty=0.5, seconds=1800) if cond != "quiet"
+               else contextlib.nullcontext())
+        with ctx:
+            values[cond] = measure_networks(client, blobs, SessionSpec(intra_op_threads=1),
+                                            protocol, settled=lambda r: False).values
+    fastest = [min(min(v[i]) for v in values.values()) for i in range(2)]
+    reference = fastest[1] / fastest[0]
+    results: dict[str, object] = {"reference": reference, "passes_ms": values}
+    for cond, v in values.items():
+        results[cond] = replay(v, reference)
+        print(f"== ratio, {cond} ({passes} passes; reference {reference:.4f})", flush=True)
+        for name, row in results[cond].items():  # type: ignore[attr-defined]
+            print(f"{name:<28} |error| median {100 * row['median_abs_error']:.1f}% max "
+                  f"{100 * row['max_abs_error']:.1f}%, passes median {row['median_passes']:.0f}, "
+                  f"tight {100 * row['tight_share']:.0f}%, tight and wrong "
+                  f"{100 * row['tight_and_wrong_share']:.0f}% of {row['windows']} windows",
+                  flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("bench-results/protocol.json"))
+    parser.add_argument("--part", choices=("all", "statistics", "ratio"), default="all")
+    parser.add_argument("--passes", type=int, default=150, help="per condition, --part ratio")
     args = parser.parse_args(argv)
     nets: dict[str, bytes] = {}
     for name in ("mobilenet_v1", "mobilenet_v2"):
@@ -95,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with start_local_daemon(threads=1) as daemon:
         client = daemon.client()
-        for cond in ("quiet", "noisy neighbour"):
+        if args.part in ("all", "ratio"):
+            results["ratio"] = run_ratio_part(client, args.passes)
+        for cond in (("quiet", "noisy neighbour") if args.part != "ratio" else ()):
             ctx = (NoisyNeighbour(seed=1, duty=0.5, seconds=1800) if cond != "quiet"
                    else contextlib.nullcontext())
             with ctx:
