@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--calibrate", type=int, default=5)
-    # 6 rounds are the fewest with a 95% interval of the median (host/device/whole_model.py);
-    # fewer leave every calibration sample too wide to fit on.
+    # 6 rounds are the fewest whose figure can be tight (host/device/whole_model.py); fewer
+    # leave every calibration sample too wide to fit on.
     parser.add_argument("--min-rounds", type=int, default=6)
     parser.add_argument("--max-rounds", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=20,

@@ -117,7 +117,7 @@ def calibrate(store: LutStore, pool: DevicePool, network: Network, session: Sess
               max_halfwidth: float = MAX_CALIBRATION_HALFWIDTH) -> int:
     """Ensures the table holds `count` whole-network measurements of this architecture.
 
-    A network whose 95% interval is wider than `max_halfwidth` (relative) is measured once
+    A network whose interval is wider than `max_halfwidth` (relative) is measured once
     more and the tighter figure kept. Returns how many networks were measured now.
     """
     arch = architecture_of(network.specs())
@@ -170,7 +170,7 @@ class VariantCheck:
     estimated_ms: float
     naive_ms: float            # plain sum of standalone units, no overhead or correction
     measured_ms: float         # whole network on the device: its figure over rounds
-    measured_low_ms: float     # its 95% interval
+    measured_low_ms: float     # its interval (host/device/whole_model.py)
     measured_high_ms: float
     rounds: int
     tight: bool                # the interval met the protocol's target

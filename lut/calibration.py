@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KIND = "model"   # LUT rows holding whole-network measurements for calibration
 MIN_SAMPLES = 4
-# A whole-network measurement whose 95% interval is wider than +-5% is not fitted on: one such
+# A whole-network measurement whose interval is wider than +-5% is not fitted on: one such
 # sample moves the two coefficients more than the error the fit is meant to remove.
 MAX_CALIBRATION_HALFWIDTH = 0.05
 _HALFWIDTH_FLOOR = 0.005  # weights stop growing below +-0.5%: nothing here is known better

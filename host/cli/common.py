@@ -157,16 +157,17 @@ def add_protocol_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("whole-network measurement (rounds of the robust protocol)")
     g.add_argument("--min-rounds", type=int, default=d.min_rounds,
                    help=f"fewest interleaved rounds per network (default {d.min_rounds}: the "
-                        f"fewest with a 95%% interval of the median)")
+                        f"fewest whose figure can be tight: its upper bound is then the 3rd "
+                        f"fastest round)")
     g.add_argument("--max-rounds", type=int, default=d.max_rounds,
                    help=f"most rounds before a figure is reported not tight (default "
                         f"{d.max_rounds})")
     g.add_argument("--decision-rounds", type=int, default=d.decision_rounds,
                    help=f"most rounds a budget decision takes while its interval straddles the "
-                        f"budget, before it is decided on the median (default "
+                        f"budget, before it is decided on the interval as it stands (default "
                         f"{d.decision_rounds})")
     g.add_argument("--target-halfwidth", type=float, default=d.target_halfwidth,
-                   help=f"stop when every 95%% interval is within this fraction of its figure "
+                   help=f"stop when every interval is within this fraction of its figure "
                         f"(default {d.target_halfwidth}, i.e. +-{100 * d.target_halfwidth:.1f}%%)")
 
 

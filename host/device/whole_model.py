@@ -9,21 +9,27 @@ The protocol (README, "The measurement contract"):
 - Rounds are **spread in time and interleaved**: every network once per pass, alternating the
   order, so a slow burst or drift of the device hits all of them alike. A round during which
   the hypervisor stole more than `retake_steal` of a core is taken again, not averaged in.
-- A network's figure is a **low quantile over rounds** (`PASS_QUANTILE`, the 10th
-  percentile), for the reason each round is a low quantile of its samples: interference only
-  adds time, and on a shared machine a burst lasts longer than a round (0.1-0.3 s), so whole
-  rounds read slow. Its interval is distribution-free (order statistics, 95%); with 6 rounds
-  its upper end is the 3rd fastest round, so a figure is tight only when at least half of its
-  rounds agree. Passes go on until every interval is narrower than `target_halfwidth` (e.g.
-  +-1.5%), or a caller's decision rule is settled, or `max_rounds` / `max_seconds` is hit:
-  then the figure is reported as not tight. A decision rule (is the budget met?) may take up
-  to `decision_rounds` passes instead: a decision whose interval still straddles its limit is
-  worth a few more seconds of measuring, and deciding it on a straddling interval let a run
-  stop just past its budget on a noisy machine.
+- A network's figure is a **low quantile over rounds** (`PASS_QUANTILE`, the 10th percentile),
+  for the reason each round is a low quantile of its samples: interference only adds time, and
+  on a shared machine a burst lasts longer than a round (0.1-0.3 s), so whole rounds read
+  slow. Its interval runs from the fastest round to the order statistic that bounds the 10th
+  percentile from above with 97.5% confidence (distribution-free, binomial): the 3rd fastest
+  of 6 rounds, the 5th of 12, the 10th of 48, so a figure is tight only when its fastest
+  rounds (half of 6, a fifth of 48) agree. The lower end is a floor, not a bound: below ~30
+  rounds the fastest round lies above the 10th percentile more often than 2.5%
+  (`interval_coverage`: 45% two-sided at 6 rounds). Decisions lean on the upper end (met); a
+  lower end read high can only call a miss, which prunes one step more. Passes go on until
+  every interval is narrower than `target_halfwidth` (e.g. +-1.5%), or a caller's decision
+  rule is settled, or `max_rounds` / `max_seconds` is hit: then the figure is reported as not
+  tight. A decision rule (is the budget met?) may take up to `decision_rounds` passes instead:
+  a decision whose interval still straddles its limit is worth a few more seconds of
+  measuring, and deciding it on a straddling interval let a run stop just past its budget on a
+  noisy machine.
 - A **ratio** of two networks (a candidate against the original, for a relative budget) is
   the ratio of their figures, taken from the same interleaved passes, so a drift of the
-  device over the passes moves both alike. Its interval joins the two figures' intervals
-  (each at 97.5%, so the pair holds with >= 95%). Until 2026-12 it was the median of the
+  device over the passes moves both alike. Its interval runs from the candidate's fastest
+  round over the original's upper bound to the candidate's upper bound over the original's
+  fastest round, each upper bound one-sided at 98.75%. Until 2026-12 it was the median of the
   per-pass ratios: a burst that slowed one network's round and not the other's moved that
   pass's ratio, and a burst that slowed both compressed it towards 1, and on a shared machine
   its intervals were often tight and wrong (measured: README, "make bench-protocol").
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 # One round: >= 10 warm-up calls and 50 ms, then 60 samples of >= 1 ms (~0.1-0.3 s a round).
 WHOLE_MODEL_POLICY = MeasurePolicy(warmup_runs=10, min_warmup_ms=50, repeat=60, min_repeat_ms=1)
 PASS_QUANTILE = 0.1  # of a network's rounds: its figure (see the module docstring)
-# Each of a ratio's two intervals, so that both hold together with >= CONFIDENCE (Bonferroni).
+# Each of a ratio's two intervals: their upper bounds one-sided at 98.75% (see the docstring).
 _RATIO_SIDE_CONFIDENCE = 1 - (1 - CONFIDENCE) / 2
 
 
@@ -61,7 +67,7 @@ class WholeModelProtocol:
     min_rounds: int = 6              # a figure's upper end is then its 3rd fastest round
     max_rounds: int = 16
     decision_rounds: int = 48        # the cap when a caller's decision rule is not yet settled
-    target_halfwidth: float = 0.015  # relative half-width of the 95% interval to stop at
+    target_halfwidth: float = 0.015  # relative half-width of the interval to stop at
     max_seconds: float = 120.0       # per call of measure_networks
     retake_steal: float = 0.10       # a round with more hypervisor steal is taken again
     max_retakes: int = 6             # per call, over all networks
@@ -78,7 +84,8 @@ DEFAULT_PROTOCOL = WholeModelProtocol()
 
 @dataclass(frozen=True)
 class Figure:
-    """A measured figure with its 95% interval: milliseconds, or a ratio of two networks."""
+    """A measured figure with its interval (module docstring): milliseconds, or a ratio of two
+    networks."""
 
     value: float
     low: float
@@ -129,13 +136,14 @@ class Rounds:
         return len(self.values[0]) if self.values else 0
 
     def figure(self, i: int) -> Figure:
-        """Network i in ms: the PASS_QUANTILE of its rounds, with its 95% interval."""
+        """Network i in ms: the PASS_QUANTILE of its rounds, with its interval."""
         return _figure(*_quantile(self.values[i], CONFIDENCE), len(self.values[i]),
                        self.target_halfwidth)
 
     def ratio(self, i: int, reference: int) -> Figure:
         """Network i over network `reference` (a speedup is 1 / this): the ratio of their
         figures from the same passes, with the interval both figures' intervals allow."""
+        assert len(self.values[i]) == len(self.values[reference]), "passes are aligned"
         a, a_low, a_high = _quantile(self.values[i], _RATIO_SIDE_CONFIDENCE)
         b, b_low, b_high = _quantile(self.values[reference], _RATIO_SIDE_CONFIDENCE)
         return _figure(a / b, a_low / b_high, a_high / b_low, self.passes,
