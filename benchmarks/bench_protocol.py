@@ -106,7 +106,8 @@ def _median_of_ratios(rounds: Rounds) -> Figure:
     ratios = [c / o for o, c in zip(rounds.values[0], rounds.values[1], strict=True)]
     low, high = median_interval(ratios)
     value = float(np.median(ratios))
-    return Figure(value, low, high, len(ratios), (high - low) / 2 <= 0.015 * value)
+    return Figure(value, low, high, len(ratios),
+                  (high - low) / 2 <= rounds.target_halfwidth * value)
 
 
 ESTIMATORS = {"median of per-pass ratios": _median_of_ratios,
