@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_server.spec import LayerSpec, OpKind
+from lut.store import MODEL_KIND  # LUT rows holding whole-network measurements
 
 __all__ = ["Correction", "CalibrationSample", "fit_correction", "unit_features",
            "MODEL_KIND", "model_row_key", "parse_model_row_key", "architecture_of"]
 
 log = logging.getLogger(__name__)
 
-MODEL_KIND = "model"   # LUT rows holding whole-network measurements for calibration
 MIN_SAMPLES = 4
 # A whole-network measurement whose interval is wider than +-5% is not fitted on: one such
 # sample moves the two coefficients more than the error the fit is meant to remove.

@@ -36,7 +36,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from device_server.spec import LayerSpec
-from device_server.stats import Conditions, TimingStats
+from device_server.stats import Conditions, TimingStats, percentile, quantile_interval
 from lut.errors import (
     FieldDifference,
     LutConditionsMismatch,
@@ -65,13 +65,21 @@ __all__ = [
     "LutDiskFull",
     "register_migration",
     "key_of",
+    "MODEL_KIND",
+    "with_network_figure",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # bump together with a `register_migration(SCHEMA_VERSION - 1)` function
+SCHEMA_VERSION = 3  # bump together with a `register_migration(SCHEMA_VERSION - 1)` function
 FORMAT_NAME = "netadapt-lut"
-DEFAULT_KIND = "unit"  # one fusion unit; others: "overhead", "reference", "model:<sha>"
+DEFAULT_KIND = "unit"  # one fusion unit; others: "overhead", "reference", "model"
+# Whole-network rows (calibration, lut/calibration.py): their samples are the network's rounds, and
+# since schema 3 their figure is the 10th percentile of those rounds with its 95% interval
+# (host/device/whole_model.py). Frozen here with the schema: another figure is a new version.
+MODEL_KIND = "model"
+_NETWORK_QUANTILE = 0.1
+_NETWORK_CONFIDENCE = 0.95
 
 _SYNCHRONOUS = "NORMAL"  # see the module docstring for why not FULL
 _DEFAULT_TIMEOUT_S = 30.0  # busy timeout: how long a writer waits for another one's commit
@@ -252,6 +260,28 @@ def _check_timing(key: str, timing: TimingStats) -> None:
         raise ValueError(f"timing for {key} has negative or non-finite values: {timing}")
 
 
+def _network_figure(rounds_ms: Sequence[float]) -> tuple[float, float, float]:
+    """(figure, interval low, high) of a whole network's rounds, as schema 3 defines it."""
+    ordered = sorted(float(x) for x in rounds_ms)
+    low, high = quantile_interval(ordered, _NETWORK_QUANTILE, _NETWORK_CONFIDENCE)
+    return percentile(ordered, _NETWORK_QUANTILE), low, high
+
+
+def with_network_figure(row: LutRow) -> LutRow:
+    """`row` with a whole-network row's figure and interval recomputed from its stored rounds.
+
+    Whole-network rows written before schema 3 (2026-12-01) held the median of their rounds;
+    a table fitted on a mix of the two would carry a bias of a few percent. Rows of another
+    kind, and whole-network rows without their rounds, are returned unchanged; a row already
+    of schema 3 comes back equal.
+    """
+    if row.kind != MODEL_KIND or not row.timing.samples_ms:
+        return row
+    value, low, high = _network_figure(row.timing.samples_ms)
+    timing = dataclasses.replace(row.timing, value_ms=value, ci_low_ms=low, ci_high_ms=high)
+    return dataclasses.replace(row, timing=timing)
+
+
 def _utc_text(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
@@ -382,6 +412,23 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
                    "preempted_samples INTEGER NOT NULL DEFAULT 0", "other_load REAL",
                    "steal REAL"):
         conn.execute(f"ALTER TABLE lut_rows ADD COLUMN {column}")
+
+
+@register_migration(2)
+def _v2_to_v3(conn: sqlite3.Connection) -> None:
+    """Whole-network rows restated as the 10th percentile of their stored rounds (they held the
+    median until 2026-12-01; see `with_network_figure`), so a table calibrated before then fits
+    on the figure every check now takes. Rows without stored rounds keep theirs."""
+    rows = conn.execute(
+        "SELECT key, samples_json FROM lut_rows WHERE kind = ? AND samples_json IS NOT NULL",
+        (MODEL_KIND,)).fetchall()
+    for key, samples in rows:
+        rounds = json.loads(samples)
+        if rounds:
+            conn.execute("UPDATE lut_rows SET value_ms = ?, ci_low_ms = ?, ci_high_ms = ? "
+                         "WHERE kind = ? AND key = ?",
+                         (*_network_figure(rounds), MODEL_KIND, key))
+
 
 def _table_names(conn: sqlite3.Connection) -> list[str]:
     rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -622,8 +669,9 @@ class LutStore:
 
     def merge(self, rows: Iterable[LutRow], *, overwrite: bool = False) -> MergeCounts:
         """Adds rows from elsewhere (an import) in one transaction, keeping their kind and
-        timestamp. Rows already present are kept unless `overwrite`."""
-        incoming = list(rows)
+        timestamp. Rows already present are kept unless `overwrite`. Whole-network rows take
+        this schema's figure from their rounds (`with_network_figure`): an export may be older."""
+        incoming = [with_network_figure(row) for row in rows]
         for row in incoming:
             _check_kind(row.kind)
             _check_timing(row.key, row.timing)

@@ -13,12 +13,14 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lut.store as store_module
@@ -36,7 +38,7 @@ from lut import (
     export_json,
     import_file,
 )
-from lut.store import SCHEMA_VERSION
+from lut.store import MODEL_KIND, SCHEMA_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,6 +291,66 @@ def test_schema_1_rows_are_read_by_their_median(tmp_path: Path) -> None:
         row = store.get(spec(1))
         assert row is not None and row.value_ms == 0 and row.robust_ms == row.median_ms
         assert store.load_values() == {spec(i).key(): timing(i).median_ms for i in range(2)}
+
+
+# A whole network's rounds, two of them in a burst. Until schema 3 a whole-network row's figure
+# was their median; now it is their 10th percentile, its 95% interval from the fastest round to
+# the 3rd fastest of 6.
+ROUNDS = (0.52, 0.50, 0.61, 0.55, 0.70, 0.51)
+
+
+def _median_row_timing(rounds: tuple[float, ...] = ROUNDS) -> TimingStats:
+    """What a schema-2 table holds for a network measured before 2026-12-01."""
+    ordered = sorted(rounds)
+    return dataclasses.replace(summarize(list(rounds)), value_ms=statistics.median(rounds),
+                               ci_low_ms=ordered[1], ci_high_ms=ordered[4])
+
+
+def _assert_figure_of_its_rounds(row: TimingStats, before: TimingStats) -> None:
+    assert row.value_ms == pytest.approx(float(np.quantile(ROUNDS, 0.1)))
+    assert (row.ci_low_ms, row.ci_high_ms) == (0.50, 0.52)
+    assert dataclasses.replace(row, value_ms=before.value_ms, ci_low_ms=before.ci_low_ms,
+                               ci_high_ms=before.ci_high_ms) == before  # nothing else moved
+
+
+def test_schema_2_whole_network_rows_take_the_figure_of_their_rounds(tmp_path: Path) -> None:
+    """A table calibrated before 2026-12-01 must not fit on a mix of medians and 10th
+    percentiles: opening it restates every whole-network row from its stored rounds."""
+    path = tmp_path / "lut.sqlite"
+    old = _median_row_timing()
+    no_rounds = dataclasses.replace(old, samples_ms=())
+    with LutStore.open(path, IDENT) as store:
+        store.put("net-a", old, kind=MODEL_KIND)
+        store.put("net-b", no_rounds, kind=MODEL_KIND)
+        store.put(spec(0), old)  # a unit's samples are calls, not rounds: left alone
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with LutStore.open(path, IDENT) as store:
+        assert store.schema_version == SCHEMA_VERSION == 3
+        a = store.get("net-a", kind=MODEL_KIND)
+        assert a is not None and a.value_ms < old.value_ms
+        _assert_figure_of_its_rounds(a, old)
+        assert store.get("net-b", kind=MODEL_KIND) == no_rounds  # nothing to restate it from
+        assert store.get(spec(0)) == old
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_an_older_export_of_whole_network_rows_imports_with_the_figure_of_their_rounds(
+    tmp_path: Path, fmt: str
+) -> None:
+    export = tmp_path / f"lut.{fmt}"
+    old = _median_row_timing()
+    with LutStore.open(tmp_path / "a.sqlite", IDENT) as a:
+        a.put("net-a", old, kind=MODEL_KIND)
+        a.put(spec(0), old)
+        (export_csv if fmt == "csv" else export_json)(a, export)
+    with LutStore.open(tmp_path / "b.sqlite", IDENT) as b:
+        assert import_file(export, b).new == 2
+        a_row = b.get("net-a", kind=MODEL_KIND)
+        assert a_row is not None
+        _assert_figure_of_its_rounds(a_row, old)
+        assert b.get(spec(0)) == old
 
 
 # -- concurrency and crashes ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import random
 import statistics
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from host.device.noisy_neighbour import NeighbourConfig, NoisyNeighbour
 from host.device.whole_model import Rounds, WholeModelProtocol, measure_networks
 from host.engine.config import Budget
 from lut.calibration import CalibrationSample, fit_correction
-from lut.store import LutIdentity, LutStore
+from lut.store import MODEL_KIND, LutIdentity, LutRow, LutStore, with_network_figure
 from tests.helpers_engine import small_network
 
 
@@ -270,6 +271,18 @@ def test_table_rows_keep_the_robust_figure_interval_and_interference(tmp_path: P
         assert back == t
         assert store.load_values("model") == {"k": t.value_ms}
     assert statistics.median(t.samples_ms) == t.median_ms
+
+
+def test_a_stored_whole_network_row_holds_the_figure_its_schema_defines() -> None:
+    """The live figure (`Rounds.timing`) and the one the table's schema defines, with which
+    older rows are restated (`lut.store.with_network_figure`), agree: changing PASS_QUANTILE
+    or the interval needs a schema migration, and this test says so."""
+    rng = random.Random(3)
+    for n in (6, 12, 48):
+        rounds = Rounds([[0.4 * (1 + rng.expovariate(20)) for _ in range(n)]], 0.015)
+        t = rounds.timing(0)
+        row = LutRow(key="k", kind=MODEL_KIND, timing=t, measured_at=datetime.now(UTC))
+        assert with_network_figure(row).timing == t
 
 
 # -- the engine under a noisy neighbour ------------------------------------------------------
