@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ import torch
 
 from device_server.spec import MeasurePolicy, SessionSpec
 from device_server.stats import median_interval
+from host.device.client import DeviceClient
 from host.device.local_daemon import start_local_daemon
 from host.device.noisy_neighbour import NoisyNeighbour
 from host.device.whole_model import (
@@ -74,7 +76,8 @@ def _relabelled(blob: bytes, i: int) -> bytes:
     return model.SerializeToString()
 
 
-def run_condition(client, nets: dict[str, bytes], repeats: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def run_condition(client: DeviceClient, nets: dict[str, bytes], repeats: int
+                  ) -> dict[str, object]:
     session = SessionSpec(intra_op_threads=1)
     shas = {name: client.upload_model(b) for name, b in nets.items()}
     calls: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -138,7 +141,7 @@ def replay(values: list[list[float]], reference: float) -> dict[str, dict[str, f
     return out
 
 
-def run_ratio_part(client, passes: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def run_ratio_part(client: DeviceClient, passes: int) -> dict[str, object]:
     torch.manual_seed(0)
     net = analyse("mobilenet_v1", MobileNetV1(width_mult=0.5), (1, 1, 28, 28))
     blobs = [net.onnx(), net.onnx(random_config(net.groups, random.Random(3), keep=0.6))]
@@ -165,6 +168,29 @@ def run_ratio_part(client, passes: int) -> dict[str, object]:  # type: ignore[no
     return results
 
 
+def run_statistics_part(client: DeviceClient, repeats: int, results: dict[str, object]) -> None:
+    """Each statistic's spread over `repeats` measurements of four networks, quiet and beside
+    the noisy neighbour; adds one entry per condition to `results` and prints the table."""
+    nets: dict[str, bytes] = {}
+    for name in ("mobilenet_v1", "mobilenet_v2"):
+        net = load_network(name, (1, 1, 28, 28))
+        nets[name] = net.onnx()
+        nets[f"{name} pruned"] = net.onnx(random_config(net.groups, random.Random(3)))
+    for cond in ("quiet", "noisy neighbour"):
+        ctx = (NoisyNeighbour(seed=1, duty=0.5, seconds=1800) if cond != "quiet"
+               else contextlib.nullcontext())
+        with ctx:
+            measured: dict[str, Any] = run_condition(client, nets, repeats)
+        results[cond] = measured
+        print(f"== {cond}", flush=True)
+        print(f"{'network / policy':<42}" + "".join(f"{s:>13}" for s in STATS))
+        for row, vals in measured["cv"].items():
+            print(f"{row:<42}" + "".join(f"{100 * vals[s]:>12.1f}%" for s in STATS))
+        print("protocol, move between two runs: " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in measured["protocol_move_between_runs"].items()),
+            flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
@@ -172,29 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("all", "statistics", "ratio"), default="all")
     parser.add_argument("--passes", type=int, default=150, help="per condition, --part ratio")
     args = parser.parse_args(argv)
-    nets: dict[str, bytes] = {}
-    for name in ("mobilenet_v1", "mobilenet_v2"):
-        net = load_network(name, (1, 1, 28, 28))
-        nets[name] = net.onnx()
-        nets[f"{name} pruned"] = net.onnx(random_config(net.groups, random.Random(3)))
     results: dict[str, object] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with start_local_daemon(threads=1) as daemon:
         client = daemon.client()
         if args.part in ("all", "ratio"):
             results["ratio"] = run_ratio_part(client, args.passes)
-        for cond in (("quiet", "noisy neighbour") if args.part != "ratio" else ()):
-            ctx = (NoisyNeighbour(seed=1, duty=0.5, seconds=1800) if cond != "quiet"
-                   else contextlib.nullcontext())
-            with ctx:
-                results[cond] = run_condition(client, nets, args.repeats)
-            print(f"== {cond}", flush=True)
-            cv = results[cond]["cv"]  # type: ignore[index]
-            print(f"{'network / policy':<42}" + "".join(f"{s:>13}" for s in STATS))
-            for row, vals in cv.items():
-                print(f"{row:<42}" + "".join(f"{100 * vals[s]:>12.1f}%" for s in STATS))
-            print("protocol, move between two runs: " + ", ".join(
-                f"{k} {100 * v:.1f}%" for k, v in
-                results[cond]["protocol_move_between_runs"].items()), flush=True)  # type: ignore[index]
+        if args.part in ("all", "statistics"):
+            run_statistics_part(client, args.repeats, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return 0
