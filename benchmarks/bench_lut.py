@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from device_server.spec import SessionSpec
 from host.device.local_daemon import start_local_daemon
@@ -32,7 +33,9 @@ from host.device.noisy_neighbour import NoisyNeighbour
 from host.device.pool import DevicePool
 from host.device.table_builder import build_table, identity_for
 from host.lut_validation import validate
-from host.network import load_network
+from host.network import Network, load_network
+from lut.calibration import architecture_of
+from lut.estimator import LatencyEstimator
 from lut.keys import plan_keys
 from lut.store import LutStore
 
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     summary["max_measured_halfwidth"] = max(
                         r["measured_halfwidth"] for r in rows)  # type: ignore[type-var]
                     summary["not_tight"] = sum(1 for r in rows if not r["tight"])
+                    summary.update(_without_weights(store, net, rows))
                     summary["rows"] = rows
                 per_run[name] = summary
                 print(f"run {run + 1}/{args.runs} " + json.dumps(
@@ -118,6 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _without_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
+                     ) -> dict[str, float]:
+    """The same measurements estimated with the weights term (lut/calibration.py) and without
+    it: the fitted coefficient, and the two-term fit's median / max |error|."""
+    arch = architecture_of(net.specs())
+    est = LatencyEstimator.from_store(store, architecture=arch)
+    c_weights = est.correction.c_weights
+    est.refit(est.calibration_samples(store, arch), weights=False)
+    errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}))
+                  / r["measured_ms"] - 1) for r in rows]
+    return {"c_weights_ms_per_mb": c_weights,
+            "two_term_median_abs_rel_error": statistics.median(errors),
+            "two_term_max_abs_rel_error": max(errors)}
 
 
 def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[str, object]:
@@ -137,6 +156,10 @@ def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[st
                 [r[name]["first_median_abs_rel_error"] for r in runs],  # type: ignore[index]
             "before_late_pass_max_abs_rel_error":
                 [r[name]["first_max_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "two_term_median_abs_rel_error":
+                [r[name]["two_term_median_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "two_term_max_abs_rel_error":
+                [r[name]["two_term_max_abs_rel_error"] for r in runs],  # type: ignore[index]
             "same_variant_max_move": max(moves),
             "same_variant_median_move": statistics.median(moves),
         }

@@ -2,18 +2,28 @@
 
 A unit timed alone pays what the whole network pays once: the session-run call, and on CPU
 the layout reorders (NCHW <-> blocked NCHWc) around it; the runtime fuses across units inside
-the network; and a unit alone runs with warmer caches. So for a network of N units with
-standalone medians u_i:
+the network; and a unit alone runs with warmer caches: timed over and over, its weights stay
+in the cache, while the whole network streams all of its weights through it on every run. So
+for a network of N units with standalone latencies u_i and W megabytes of weights:
 
-    whole ≈ overhead + γ · Σ u_i − a · N
+    whole ≈ overhead + γ · Σ u_i − a · N + b · W
 
-each unit sheds a fixed cost `a` and `γ` scales kernel time. The two coefficients are fitted
-by least squares (on relative error) over a few whole-network measurements stored in the table
-(kind "model"), once when the table is loaded, and then used for every estimate — never refitted
-per query. Measured on MobileNetV1 variants here, adding tensor sizes or weight bytes as
-features fitted the calibration set better but predicted unseen variants worse (the fit chases
-measurement noise), so the model stays at two coefficients. `netadapt-host lut validate` checks
-it on variants it was not fitted on.
+each unit sheds a fixed cost `a`, `γ` scales kernel time and `b` is the time per megabyte of
+weights the cache does not hold. The coefficients are fitted by weighted least squares (on
+relative error) over a few whole-network measurements stored in the table (kind "model"), once
+when the table is loaded, and then used for every estimate — never refitted per query. `b` is
+fitted only from MIN_SAMPLES_WEIGHTS measurements on, and kept only when it is >= 0 (streaming
+weights cannot save time; a negative `b` is the fit chasing noise); otherwise the model is the
+first three terms.
+
+Why the weights term (2026-12-01, `make bench-lut`, MobileNetV1/V2 at 1x28x28 and
+EfficientNet-Lite0 at 224, 20 held-out variants each, two runs): without it the largest
+MobileNetV1 variants (7-13 MB of weights) were under-estimated by 10-31% on tight figures,
+while their plain sums were within 1%; refitting the same measurements with it lowered the
+held-out median error in five of six sets and the max in all six (README, `make bench-lut`).
+An earlier trial on noisier figures (before the robust protocol) had found weight bytes
+predicting unseen variants worse; `netadapt-host lut validate` checks the fit on variants it
+was not fitted on, and `make bench-lut` reports the two-term fit beside it.
 """
 
 from __future__ import annotations
@@ -35,20 +45,23 @@ __all__ = ["Correction", "CalibrationSample", "fit_correction", "unit_features",
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES = 4
+MIN_SAMPLES_WEIGHTS = 6  # a third coefficient needs more than the two-term fit's minimum
 # A whole-network measurement whose interval is wider than +-5% is not fitted on: one such
 # sample moves the two coefficients more than the error the fit is meant to remove.
 MAX_CALIBRATION_HALFWIDTH = 0.05
 _HALFWIDTH_FLOOR = 0.005  # weights stop growing below +-0.5%: nothing here is known better
 
 
-def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]) -> tuple[float, float]:
-    """(Σ unit ms, unit count) of one network."""
-    return (float(sum(unit_ms)), float(len(specs)))
+def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]
+                  ) -> tuple[float, float, float]:
+    """(Σ unit ms, unit count, weight MB in float32) of one network."""
+    weights_mb = 4 * sum(s.param_count() for s in specs) / 1e6
+    return (float(sum(unit_ms)), float(len(specs)), weights_mb)
 
 
 @dataclass(frozen=True)
 class CalibrationSample:
-    features: tuple[float, float]  # unit_features of the network
+    features: tuple[float, float, float]  # unit_features of the network
     measured_ms: float            # whole-network robust figure on the device
     overhead_ms: float
     rel_halfwidth: float | None = None  # of its 95% interval; None: unknown (older tables)
@@ -56,28 +69,31 @@ class CalibrationSample:
 
 @dataclass(frozen=True)
 class Correction:
-    """whole = overhead + c_sum·Σu + c_units·N (see the module docstring)."""
+    """whole = overhead + c_sum·Σu + c_units·N + c_weights·W (see the module docstring)."""
 
     c_sum: float = 1.0
     c_units: float = 0.0
+    c_weights: float = 0.0        # ms per MB of weights
     samples: int = 0              # how many whole-network measurements it was fitted on
 
-    def apply(self, overhead_ms: float, features: tuple[float, float]) -> float:
-        s, n = features
-        return overhead_ms + self.c_sum * s + self.c_units * n
+    def apply(self, overhead_ms: float, features: tuple[float, float, float]) -> float:
+        s, n, w = features
+        return overhead_ms + self.c_sum * s + self.c_units * n + self.c_weights * w
 
     @property
     def is_identity(self) -> bool:
         return self.samples == 0
 
 
-def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
+def fit_correction(samples: Sequence[CalibrationSample], weights: bool = True) -> Correction:
     """Weighted least-squares fit on relative error: each network weighs by the inverse of its
     measurement's relative half-width (small or large networks alike); measurements wider than
     MAX_CALIBRATION_HALFWIDTH are refused, and the log says how many.
 
-    With fewer than MIN_SAMPLES usable measurements, or a degenerate fit, returns the identity
-    correction (a plain sum), and says so in the log.
+    With `weights` and at least MIN_SAMPLES_WEIGHTS usable measurements, the weights term is
+    fitted too and kept when its coefficient is >= 0 (module docstring). With fewer than
+    MIN_SAMPLES usable measurements, or a degenerate fit, returns the identity correction (a
+    plain sum), and says so in the log.
     """
     noisy = [s for s in samples
              if s.rel_halfwidth is not None and s.rel_halfwidth > MAX_CALIBRATION_HALFWIDTH]
@@ -96,14 +112,24 @@ def fit_correction(samples: Sequence[CalibrationSample]) -> Correction:
     y = np.array([s.measured_ms - s.overhead_ms for s in samples], dtype=np.float64)
     halfwidths = np.array([max(s.rel_halfwidth or _HALFWIDTH_FLOOR, _HALFWIDTH_FLOOR)
                            for s in samples])
-    weights = 1.0 / (np.array([s.measured_ms for s in samples]) * halfwidths)
-    # With one architecture N is constant and acts as the intercept.
-    coef, *_ = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)
+    w = 1.0 / (np.array([s.measured_ms for s in samples]) * halfwidths)
+
+    def solve(columns: int) -> np.ndarray:
+        # With one architecture N is constant and acts as the intercept.
+        coef, *_ = np.linalg.lstsq(x[:, :columns] * w[:, None], y * w, rcond=None)
+        return coef
+
+    if weights and len(samples) >= MIN_SAMPLES_WEIGHTS:
+        coef = solve(3)
+        if np.all(np.isfinite(coef)) and coef[0] > 0 and coef[2] >= 0:
+            return Correction(float(coef[0]), float(coef[1]), float(coef[2]),
+                              samples=len(samples))
+    coef = solve(2)
     if np.all(np.isfinite(coef)) and coef[0] > 0:
         return Correction(float(coef[0]), float(coef[1]), samples=len(samples))
     # Networks so small that noise swamps the slope: keep γ = 1 and fit the per-unit cost.
     per_unit = (y - x[:, 0]) / x[:, 1]
-    c_units = float(np.average(per_unit, weights=weights))
+    c_units = float(np.average(per_unit, weights=w))
     log.info("calibration slope is not identifiable (%s); fitted the per-unit cost only", coef)
     return Correction(1.0, c_units, samples=len(samples))
 

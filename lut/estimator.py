@@ -191,8 +191,9 @@ class LatencyEstimator:
                                              else None))
         return samples
 
-    def refit(self, samples: Sequence[CalibrationSample]) -> Correction:
-        self.correction = fit_correction(samples)
+    def refit(self, samples: Sequence[CalibrationSample], weights: bool = True) -> Correction:
+        """Fits the correction on `samples` (see `lut.calibration.fit_correction`)."""
+        self.correction = fit_correction(samples, weights)
         return self.correction
 
     # -- lookups ------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     fit = est.correction
     over = LatencyEstimator(store.load_values(), 1.5 * est.overhead_ms,
                             Correction(c_sum=1.5 * fit.c_sum, c_units=1.5 * fit.c_units,
-                                       samples=1),
+                                       c_weights=1.5 * fit.c_weights, samples=1),
                             fetch=est.fetch)
     # Checks only by the 5% cadence: none because the estimate neared its target (which a
     # table flagged as flat, noise permitting, can move up to the run's networks).

@@ -210,15 +210,30 @@ def test_on_demand_estimator_measures_only_what_it_needs(network: Network, pool:
         assert est.fetched == len(set(specs))  # cached: nothing measured twice
 
 
-def test_correction_recovers_a_known_relation() -> None:
+def _samples(per_mb: float, count: int = 8) -> list[CalibrationSample]:
+    """Networks of 20 units whose whole latency is 0.003 + 0.9·Σu − 0.002·20 + per_mb·W."""
     rng = random.Random(0)
     samples = []
-    for _ in range(8):
-        s = rng.uniform(0.1, 1.0)
-        samples.append(CalibrationSample((s, 20.0), 0.003 + 0.9 * s - 20 * 0.002, 0.003))
-    c = fit_correction(samples)
-    assert c.c_sum == pytest.approx(0.9) and c.c_units == pytest.approx(-0.002)
-    assert fit_correction(samples[:2]).is_identity  # too few to fit
+    for _ in range(count):
+        s, w = rng.uniform(0.1, 1.0), rng.uniform(0.5, 12.0)
+        samples.append(CalibrationSample((s, 20.0, w),
+                                         0.003 + 0.9 * s - 20 * 0.002 + per_mb * w, 0.003))
+    return samples
+
+
+def test_correction_recovers_a_known_relation() -> None:
+    c = fit_correction(_samples(0.01))
+    assert (c.c_sum, c.c_units, c.c_weights) == pytest.approx((0.9, -0.002, 0.01))
+    assert fit_correction(_samples(0.01)[:2]).is_identity  # too few to fit
+    # Too few for the weights term, or asked without it: the first three terms only.
+    for c in (fit_correction(_samples(0.0, count=5)), fit_correction(_samples(0.0), False)):
+        assert (c.c_sum, c.c_units, c.c_weights) == pytest.approx((0.9, -0.002, 0.0))
+
+
+def test_a_weights_term_that_would_save_time_is_dropped() -> None:
+    """Streaming weights cannot make a network faster: a negative fit is noise, refused."""
+    c = fit_correction(_samples(-0.01))
+    assert c.c_weights == 0.0 and c.samples == 8 and c.c_sum > 0
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:

@@ -242,12 +242,12 @@ def test_calibration_refuses_samples_with_wide_intervals(caplog: pytest.LogCaptu
     rng = random.Random(0)
     good = []
     for _ in range(8):  # whole = 0.01 + 0.9 * sum - 0.001 * n, measured within +-1%
-        s, n = rng.uniform(0.1, 1.0), 30.0
+        s, n, w = rng.uniform(0.1, 1.0), 30.0, rng.uniform(0.5, 12.0)
         true = 0.01 + 0.9 * s - 0.001 * n
-        good.append(CalibrationSample((s, n), true * rng.uniform(0.99, 1.01), 0.01, 0.01))
+        good.append(CalibrationSample((s, n, w), true * rng.uniform(0.99, 1.01), 0.01, 0.01))
     # Two measurements taken in a burst: 40% slow, and their intervals say so.
-    noisy = [CalibrationSample((0.5, 30.0), 1.4 * (0.01 + 0.45 - 0.03), 0.01, 0.3),
-             CalibrationSample((0.9, 30.0), 1.4 * (0.01 + 0.81 - 0.03), 0.01, 0.25)]
+    noisy = [CalibrationSample((0.5, 30.0, 6.0), 1.4 * (0.01 + 0.45 - 0.03), 0.01, 0.3),
+             CalibrationSample((0.9, 30.0, 11.0), 1.4 * (0.01 + 0.81 - 0.03), 0.01, 0.25)]
     fitted = fit_correction(good + noisy)
     assert "2 of 10 whole-network measurements refused" in caplog.text
     assert fitted.samples == 8

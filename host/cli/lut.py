@@ -272,6 +272,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
             "overhead_ms": est.overhead_ms if est else None,
             "correction": None if est is None else {
                 "c_sum": est.correction.c_sum, "c_units": est.correction.c_units,
+                "c_weights_ms_per_mb": est.correction.c_weights,
                 "samples": est.correction.samples},
         }
     if args.json:
