@@ -8,7 +8,8 @@
    (units measured on demand) vs the whole exported ONNX network measured on the daemon with
    the robust protocol (host/device/whole_model.py: interleaved rounds until each 95% interval is
    within +-1.5%, or 16 rounds). Reports median and max |estimate - measured| / measured, each
-   variant's interval, and the naive plain sum for reference.
+   variant's interval, the naive plain sum for reference, and the same measurements estimated
+   without the correction's weights term (lut/calibration.py), so each run shows what it adds.
 3. Reproducibility: `--runs N` repeats part 2 N times, each from empty on-demand tables, and
    reports how far the same variant's measured figure moved between runs; `--noise` runs it
    all beside a seeded noisy neighbour (host/device/noisy_neighbour.py) on every core.
