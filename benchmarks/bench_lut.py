@@ -132,7 +132,7 @@ def _without_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
     arch = architecture_of(net.specs())
     est = LatencyEstimator.from_store(store, architecture=arch)
     c_weights = est.correction.c_weights
-    est.refit(est.calibration_samples(store, arch), weights=False)
+    est.refit(est.calibration_samples(store, arch), weights_term=False)
     errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}))
                   / r["measured_ms"] - 1) for r in rows]
     return {"c_weights_ms_per_mb": c_weights,

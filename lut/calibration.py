@@ -18,10 +18,11 @@ first three terms.
 
 Why the weights term (2026-12-01, `make bench-lut`, MobileNetV1/V2 at 1x28x28 and
 EfficientNet-Lite0 at 224, 20 held-out variants each, four runs): without it the largest
-MobileNetV1 variants (7-13 MB of weights) were under-estimated by 10-31% while their plain
-sums were within 1%. Of the ten runs where the term was fitted, it lowered the held-out median
-error in eight (every MobileNet run; two of four for EfficientNet-Lite0) and the max in nine,
-each against the two-term fit on the same measurements (README, `make bench-lut`).
+MobileNetV1 variants (0.8-1.2 ms, 10-11 MB of weights) were under-estimated by 7-31%, while
+the plain sum over-estimated them by only 0-26% and the small variants by 30-90%. Of the
+ten runs where the term was fitted, it lowered the held-out median error in eight (every
+MobileNet run; two of four for EfficientNet-Lite0) and the max in nine, each against the
+two-term fit on the same measurements (README, `make bench-lut`).
 An earlier trial on noisier figures (before the robust protocol) had found weight bytes
 predicting unseen variants worse; `netadapt-host lut validate` checks the fit on variants it
 was not fitted on, and `make bench-lut` reports the two-term fit beside it.
@@ -29,6 +30,7 @@ was not fitted on, and `make bench-lut` reports the two-term fit beside it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -48,16 +50,20 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES = 4
 MIN_SAMPLES_WEIGHTS = 6  # a third coefficient needs more than the two-term fit's minimum
 # A whole-network measurement whose interval is wider than +-5% is not fitted on: one such
-# sample moves the two coefficients more than the error the fit is meant to remove.
+# sample moves the coefficients more than the error the fit is meant to remove.
 MAX_CALIBRATION_HALFWIDTH = 0.05
 _HALFWIDTH_FLOOR = 0.005  # weights stop growing below +-0.5%: nothing here is known better
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _weights_mb(spec: LayerSpec) -> float:
+    return 4 * spec.param_count() / 1e6  # float32
 
 
 def unit_features(unit_ms: Sequence[float], specs: Sequence[LayerSpec]
                   ) -> tuple[float, float, float]:
     """(Σ unit ms, unit count, weight MB in float32) of one network."""
-    weights_mb = 4 * sum(s.param_count() for s in specs) / 1e6
-    return (float(sum(unit_ms)), float(len(specs)), weights_mb)
+    return (float(sum(unit_ms)), float(len(specs)), sum(_weights_mb(s) for s in specs))
 
 
 @dataclass(frozen=True)
@@ -86,13 +92,15 @@ class Correction:
         return self.samples == 0
 
 
-def fit_correction(samples: Sequence[CalibrationSample], weights: bool = True) -> Correction:
+def fit_correction(samples: Sequence[CalibrationSample], weights_term: bool = True
+                   ) -> Correction:
     """Weighted least-squares fit on relative error: each network weighs by the inverse of its
     measurement's relative half-width (small or large networks alike); measurements wider than
     MAX_CALIBRATION_HALFWIDTH are refused, and the log says how many.
 
-    With `weights` and at least MIN_SAMPLES_WEIGHTS usable measurements, the weights term is
-    fitted too and kept when its coefficient is >= 0 (module docstring). With fewer than
+    With `weights_term` and at least MIN_SAMPLES_WEIGHTS usable measurements, the weights
+    term is fitted too, and kept when the three columns are of full rank and its coefficient is
+    >= 0 (module docstring; the log says when it is dropped). With fewer than
     MIN_SAMPLES usable measurements, or a degenerate fit, returns the identity correction (a
     plain sum), and says so in the log.
     """
@@ -115,17 +123,19 @@ def fit_correction(samples: Sequence[CalibrationSample], weights: bool = True) -
                            for s in samples])
     w = 1.0 / (np.array([s.measured_ms for s in samples]) * halfwidths)
 
-    def solve(columns: int) -> np.ndarray:
+    def solve(columns: int) -> tuple[np.ndarray, int]:
         # With one architecture N is constant and acts as the intercept.
-        coef, *_ = np.linalg.lstsq(x[:, :columns] * w[:, None], y * w, rcond=None)
-        return coef
+        coef, _, rank, _ = np.linalg.lstsq(x[:, :columns] * w[:, None], y * w, rcond=None)
+        return coef, int(rank)
 
-    if weights and len(samples) >= MIN_SAMPLES_WEIGHTS:
-        coef = solve(3)
-        if np.all(np.isfinite(coef)) and coef[0] > 0 and coef[2] >= 0:
+    if weights_term and len(samples) >= MIN_SAMPLES_WEIGHTS:
+        coef, rank = solve(3)
+        if rank == 3 and np.all(np.isfinite(coef)) and coef[0] > 0 and coef[2] >= 0:
             return Correction(float(coef[0]), float(coef[1]), float(coef[2]),
                               samples=len(samples))
-    coef = solve(2)
+        log.info("calibration: weights term dropped (rank %d of 3, coefficients %s): the "
+                 "networks' weights do not separate from their unit sums", rank, coef)
+    coef, _ = solve(2)
     if np.all(np.isfinite(coef)) and coef[0] > 0:
         return Correction(float(coef[0]), float(coef[1]), samples=len(samples))
     # Networks so small that noise swamps the slope: keep γ = 1 and fit the per-unit cost.

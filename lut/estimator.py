@@ -191,9 +191,10 @@ class LatencyEstimator:
                                              else None))
         return samples
 
-    def refit(self, samples: Sequence[CalibrationSample], weights: bool = True) -> Correction:
+    def refit(self, samples: Sequence[CalibrationSample], weights_term: bool = True
+              ) -> Correction:
         """Fits the correction on `samples` (see `lut.calibration.fit_correction`)."""
-        self.correction = fit_correction(samples, weights)
+        self.correction = fit_correction(samples, weights_term)
         return self.correction
 
     # -- lookups ------------------------------------------------------------------------

@@ -270,12 +270,13 @@ def _network_figure(rounds_ms: Sequence[float]) -> tuple[float, float, float]:
 def with_network_figure(row: LutRow) -> LutRow:
     """`row` with a whole-network row's figure and interval recomputed from its stored rounds.
 
-    Whole-network rows written before schema 3 (2026-12-01) held the median of their rounds;
-    a table fitted on a mix of the two would carry a bias of a few percent. Rows of another
-    kind, and whole-network rows without their rounds, are returned unchanged; a row already
-    of schema 3 comes back equal.
+    Robust whole-network rows written before 2026-12-01 held the median of their rounds; a
+    table fitted on a mix of the two would carry a bias of a few percent. Returned unchanged:
+    rows of another kind, whole-network rows without their rounds, and rows from before the
+    robust protocol (no robust figure, `value_ms` 0: their samples are three per-pass medians,
+    not rounds, and they are read by their median). A row already of schema 3 comes back equal.
     """
-    if row.kind != MODEL_KIND or not row.timing.samples_ms:
+    if row.kind != MODEL_KIND or not row.timing.samples_ms or row.timing.value_ms <= 0:
         return row
     value, low, high = _network_figure(row.timing.samples_ms)
     timing = dataclasses.replace(row.timing, value_ms=value, ci_low_ms=low, ci_high_ms=high)
@@ -416,12 +417,13 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
 
 @register_migration(2)
 def _v2_to_v3(conn: sqlite3.Connection) -> None:
-    """Whole-network rows restated as the 10th percentile of their stored rounds (they held the
-    median until 2026-12-01; see `with_network_figure`), so a table calibrated before then fits
-    on the figure every check now takes. Rows without stored rounds keep theirs."""
+    """Robust whole-network rows restated as the 10th percentile of their stored rounds (they
+    held the median until 2026-12-01; see `with_network_figure`), so a table calibrated before
+    then fits on the figure every check now takes. Rows without stored rounds, and rows from
+    before the robust protocol (value_ms 0), keep theirs."""
     rows = conn.execute(
-        "SELECT key, samples_json FROM lut_rows WHERE kind = ? AND samples_json IS NOT NULL",
-        (MODEL_KIND,)).fetchall()
+        "SELECT key, samples_json FROM lut_rows WHERE kind = ? AND samples_json IS NOT NULL "
+        "AND value_ms > 0", (MODEL_KIND,)).fetchall()
     for key, samples in rows:
         rounds = json.loads(samples)
         if rounds:

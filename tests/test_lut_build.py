@@ -226,8 +226,19 @@ def test_correction_recovers_a_known_relation() -> None:
     assert (c.c_sum, c.c_units, c.c_weights) == pytest.approx((0.9, -0.002, 0.01))
     assert fit_correction(_samples(0.01)[:2]).is_identity  # too few to fit
     # Too few for the weights term, or asked without it: the first three terms only.
-    for c in (fit_correction(_samples(0.0, count=5)), fit_correction(_samples(0.0), False)):
-        assert (c.c_sum, c.c_units, c.c_weights) == pytest.approx((0.9, -0.002, 0.0))
+    for c in (fit_correction(_samples(0.01, count=5)), fit_correction(_samples(0.01), False)):
+        assert c.c_weights == 0.0 and c.c_sum > 0
+
+
+def test_a_weights_term_the_networks_cannot_separate_is_dropped() -> None:
+    """Weights that grow in step with the unit sums cannot be told apart from them."""
+    rng = random.Random(1)
+    samples = []
+    for _ in range(8):
+        s = rng.uniform(0.1, 1.0)
+        samples.append(CalibrationSample((s, 20.0, 10 * s), 0.003 + 0.9 * s - 0.04, 0.003))
+    c = fit_correction(samples)
+    assert c.c_weights == 0.0 and c.c_sum == pytest.approx(0.9)
 
 
 def test_a_weights_term_that_would_save_time_is_dropped() -> None:

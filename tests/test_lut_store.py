@@ -335,6 +335,31 @@ def test_schema_2_whole_network_rows_take_the_figure_of_their_rounds(tmp_path: P
         assert store.get(spec(0)) == old
 
 
+def test_whole_network_rows_from_before_the_robust_protocol_stay_read_by_their_median(
+    tmp_path: Path
+) -> None:
+    """Schema 1 stored three per-pass medians as a whole network's samples, with no robust
+    figure: not rounds, so neither the upgrade nor an import restates them."""
+    path = tmp_path / "lut.sqlite"
+    legacy = dataclasses.replace(summarize([1.0, 1.1, 1.3]), value_ms=0.0, ci_low_ms=0.0,
+                                 ci_high_ms=0.0)
+    with LutStore.open(path, IDENT) as store:
+        store.put("net-a", legacy, kind=MODEL_KIND)
+        export_json(store, tmp_path / "lut.json")
+    with sqlite3.connect(path) as conn:  # back to what a schema-1 file holds
+        for column in ("value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples",
+                       "other_load", "steal"):
+            conn.execute(f"ALTER TABLE lut_rows DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with LutStore.open(path, IDENT) as store:
+        row = store.get("net-a", kind=MODEL_KIND)
+        assert row is not None and row.value_ms == 0 and row.robust_ms == 1.1
+    with LutStore.open(tmp_path / "b.sqlite", IDENT) as b:
+        import_file(tmp_path / "lut.json", b)
+        assert b.get("net-a", kind=MODEL_KIND) == legacy
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_an_older_export_of_whole_network_rows_imports_with_the_figure_of_their_rounds(
     tmp_path: Path, fmt: str
