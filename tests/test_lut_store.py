@@ -275,17 +275,22 @@ def test_registered_migration_upgrades_old_file(
     conn.close()
 
 
-def test_schema_1_rows_are_read_by_their_median(tmp_path: Path) -> None:
-    """A table from before the robust protocol (schema 1) opens upgraded; its rows have no
-    robust figure, so estimates read their medians."""
-    path = tmp_path / "lut.sqlite"
-    fill(path, 2)
-    with sqlite3.connect(path) as conn:  # back to what a schema-1 file holds
+def _back_to_schema_1(path: Path) -> None:
+    """Turns a table into what a schema-1 file holds (no robust figure, no interference)."""
+    with sqlite3.connect(path) as conn:
         for column in ("value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples",
                        "other_load", "steal"):
             conn.execute(f"ALTER TABLE lut_rows DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
+
+
+def test_schema_1_rows_are_read_by_their_median(tmp_path: Path) -> None:
+    """A table from before the robust protocol (schema 1) opens upgraded; its rows have no
+    robust figure, so estimates read their medians."""
+    path = tmp_path / "lut.sqlite"
+    fill(path, 2)
+    _back_to_schema_1(path)
     with LutStore.open(path, IDENT) as store:
         assert store.schema_version == SCHEMA_VERSION
         row = store.get(spec(1))
@@ -346,12 +351,7 @@ def test_whole_network_rows_from_before_the_robust_protocol_stay_read_by_their_m
     with LutStore.open(path, IDENT) as store:
         store.put("net-a", legacy, kind=MODEL_KIND)
         export_json(store, tmp_path / "lut.json")
-    with sqlite3.connect(path) as conn:  # back to what a schema-1 file holds
-        for column in ("value_ms", "ci_low_ms", "ci_high_ms", "preempted_samples",
-                       "other_load", "steal"):
-            conn.execute(f"ALTER TABLE lut_rows DROP COLUMN {column}")
-        conn.execute("PRAGMA user_version = 1")
-    conn.close()
+    _back_to_schema_1(path)
     with LutStore.open(path, IDENT) as store:
         row = store.get("net-a", kind=MODEL_KIND)
         assert row is not None and row.value_ms == 0 and row.robust_ms == 1.1
