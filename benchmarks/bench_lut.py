@@ -9,7 +9,12 @@
    the robust protocol (host/device/whole_model.py: interleaved rounds until each 95% interval is
    within +-1.5%, or 16 rounds). Reports median and max |estimate - measured| / measured, each
    variant's interval, the naive plain sum for reference, and the same measurements estimated
-   without the correction's weights term (lut/calibration.py), so each run shows what it adds.
+   with the correction's weights term (lut/calibration.py; off by default), so each run shows
+   what it would add.
+   Engine paths: on the same table, greedy NetAdapt descents to half the original's estimate
+   (host/path_check.py), three driven by the default correction and three by the one with the
+   weights term, their final networks measured in one interleaved pass: where the engine goes,
+   not where the calibration networks lie.
 3. Reproducibility: `--runs N` repeats part 2 N times, each from empty on-demand tables, and
    reports how far the same variant's measured figure moved between runs; `--noise` runs it
    all beside a seeded noisy neighbour (host/device/noisy_neighbour.py) on every core.
@@ -33,8 +38,9 @@ from host.device.local_daemon import start_local_daemon
 from host.device.noisy_neighbour import NoisyNeighbour
 from host.device.pool import DevicePool
 from host.device.table_builder import build_table, identity_for
-from host.lut_validation import validate
+from host.lut_validation import on_demand, validate
 from host.network import Network, load_network
+from host.path_check import check_paths
 from lut.calibration import architecture_of
 from lut.estimator import LatencyEstimator
 from lut.keys import plan_keys
@@ -107,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                     summary = {k: v for k, v in rep.to_dict().items() if k != "rows"}
                     summary["input_shape"] = list(shape)
                     summary["unit_keys_in_table"] = store.count("unit")
-                    rows = rep.to_dict()["rows"]
+                    rows: list[dict[str, Any]] = rep.to_dict()["rows"]  # type: ignore[assignment]
                     summary["max_measured_halfwidth"] = max(
-                        r["measured_halfwidth"] for r in rows)  # type: ignore[type-var]
+                        r["measured_halfwidth"] for r in rows)
                     summary["not_tight"] = sum(1 for r in rows if not r["tight"])
-                    summary.update(_without_weights(store, net, rows))
+                    summary.update(_with_weights(store, net, rows))
                     summary["rows"] = rows
+                    summary["engine_paths"] = _engine_paths(store, pool, net)
                 per_run[name] = summary
                 print(f"run {run + 1}/{args.runs} " + json.dumps(
                     {k: v for k, v in summary.items() if k != "rows"}), flush=True)
@@ -125,19 +132,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _without_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
-                     ) -> dict[str, float]:
-    """The same measurements estimated with the weights term (lut/calibration.py) and without
-    it: the fitted coefficient, and the two-term fit's median / max |error|."""
+def _fits(store: LutStore, net: Network) -> dict[str, LatencyEstimator]:
+    """The default correction and the one with the weights term, on the same table."""
     arch = architecture_of(net.specs())
-    est = LatencyEstimator.from_store(store, architecture=arch)
-    c_weights = est.correction.c_weights
-    est.refit(est.calibration_samples(store, arch), weights_term=False)
+    default = LatencyEstimator.from_store(store, architecture=arch)
+    weights = LatencyEstimator.from_store(store, architecture=arch)
+    weights.refit(weights.calibration_samples(store, arch), weights_term=True)
+    return {"default": default, "weights_term": weights}
+
+
+def _with_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
+                  ) -> dict[str, float]:
+    """The same measurements estimated with the weights term (lut/calibration.py): its fitted
+    coefficient (0 when dropped), and its median / max |error|."""
+    est = _fits(store, net)["weights_term"]
     errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}))
                   / r["measured_ms"] - 1) for r in rows]
-    return {"c_weights_ms_per_mb": c_weights,
-            "two_term_median_abs_rel_error": statistics.median(errors),
-            "two_term_max_abs_rel_error": max(errors)}
+    return {"c_weights_ms_per_mb": est.correction.c_weights,
+            "weights_term_median_abs_rel_error": statistics.median(errors),
+            "weights_term_max_abs_rel_error": max(errors)}
+
+
+def _engine_paths(store: LutStore, pool: DevicePool, net: Network) -> dict[str, Any]:
+    """Descents driven by each fit (host/path_check.py); per driver, the signed errors of every
+    fit on its final networks, and what those measured."""
+    fits = _fits(store, net)
+    for est in fits.values():
+        est.fetch = on_demand(store, pool, SESSION)  # keys a descent reaches, measured now
+    checks = check_paths(pool, net, SESSION, fits)
+    out: dict[str, Any] = {}
+    for driver in fits:
+        mine = [c for c in checks if c.driven_by == driver]
+        out[f"driven_by_{driver}"] = {
+            "measured_ms": [c.measured_ms for c in mine],
+            "measured_halfwidth": [(c.measured_high_ms - c.measured_low_ms) / 2 / c.measured_ms
+                                   for c in mine],
+            "iterations": [c.descent.iterations for c in mine],
+            **{f"{name}_rel_error": [c.rel_error(name) for c in mine] for name in fits},
+        }
+    return out
 
 
 def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[str, object]:
@@ -157,10 +190,10 @@ def _between_runs(runs: list[dict[str, object]], networks: list[str]) -> dict[st
                 [r[name]["first_median_abs_rel_error"] for r in runs],  # type: ignore[index]
             "before_late_pass_max_abs_rel_error":
                 [r[name]["first_max_abs_rel_error"] for r in runs],  # type: ignore[index]
-            "two_term_median_abs_rel_error":
-                [r[name]["two_term_median_abs_rel_error"] for r in runs],  # type: ignore[index]
-            "two_term_max_abs_rel_error":
-                [r[name]["two_term_max_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "weights_term_median_abs_rel_error":
+                [r[name]["weights_term_median_abs_rel_error"] for r in runs],  # type: ignore[index]
+            "weights_term_max_abs_rel_error":
+                [r[name]["weights_term_max_abs_rel_error"] for r in runs],  # type: ignore[index]
             "same_variant_max_move": max(moves),
             "same_variant_median_move": statistics.median(moves),
         }

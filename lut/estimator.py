@@ -191,7 +191,7 @@ class LatencyEstimator:
                                              else None))
         return samples
 
-    def refit(self, samples: Sequence[CalibrationSample], weights_term: bool = True
+    def refit(self, samples: Sequence[CalibrationSample], weights_term: bool = False
               ) -> Correction:
         """Fits the correction on `samples` (see `lut.calibration.fit_correction`)."""
         self.correction = fit_correction(samples, weights_term)

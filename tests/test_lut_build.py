@@ -222,12 +222,15 @@ def _samples(per_mb: float, count: int = 8) -> list[CalibrationSample]:
 
 
 def test_correction_recovers_a_known_relation() -> None:
-    c = fit_correction(_samples(0.01))
+    c = fit_correction(_samples(0.01), weights_term=True)
     assert (c.c_sum, c.c_units, c.c_weights) == pytest.approx((0.9, -0.002, 0.01))
     assert fit_correction(_samples(0.01)[:2]).is_identity  # too few to fit
-    # Too few for the weights term, or asked without it: the first three terms only.
-    for c in (fit_correction(_samples(0.01, count=5)), fit_correction(_samples(0.01), False)):
+    # By default (lut/calibration.py says why), or too few for it: no weights term.
+    for c in (fit_correction(_samples(0.01)), fit_correction(_samples(0.01, count=5), True)):
         assert c.c_weights == 0.0 and c.c_sum > 0
+    exact = fit_correction([dataclasses.replace(s, features=(*s.features[:2], 0.0))
+                            for s in _samples(0.0)])
+    assert (exact.c_sum, exact.c_units) == pytest.approx((0.9, -0.002))
 
 
 def test_a_weights_term_the_networks_cannot_separate_is_dropped() -> None:
@@ -237,13 +240,13 @@ def test_a_weights_term_the_networks_cannot_separate_is_dropped() -> None:
     for _ in range(8):
         s = rng.uniform(0.1, 1.0)
         samples.append(CalibrationSample((s, 20.0, 10 * s), 0.003 + 0.9 * s - 0.04, 0.003))
-    c = fit_correction(samples)
+    c = fit_correction(samples, weights_term=True)
     assert c.c_weights == 0.0 and c.c_sum == pytest.approx(0.9)
 
 
 def test_a_weights_term_that_would_save_time_is_dropped() -> None:
     """Streaming weights cannot make a network faster: a negative fit is noise, refused."""
-    c = fit_correction(_samples(-0.01))
+    c = fit_correction(_samples(-0.01), weights_term=True)
     assert c.c_weights == 0.0 and c.samples == 8 and c.c_sum > 0
 
 
