@@ -54,6 +54,7 @@ class PathCheck:
     measured_low_ms: float = 0.0      # its 95% interval (host/device/whole_model.py)
     measured_high_ms: float = 0.0
     tight: bool = False
+    measured_ratio: float = 0.0       # to the unpruned network, in the same rounds
 
     def rel_error(self, estimator: str) -> float:
         """(estimate - measured) / measured, signed: < 0 is an under-estimate."""
@@ -113,5 +114,5 @@ def check_paths(pool: DevicePool, network: Network, session: SessionSpec,
         specs = network.specs(d.config)
         out.append(PathCheck(name, seed, d,
                              {n: e.estimate(specs) for n, e in estimators.items()},
-                             fig.value, fig.low, fig.high, fig.tight))
+                             fig.value, fig.low, fig.high, fig.tight, rounds.ratio(i, 0).value))
     return out

@@ -81,6 +81,7 @@ def test_check_paths_measures_every_descent_against_every_estimator(
         assert set(c.estimated_ms) == {"fitted", "weights_only"}
         assert c.estimated_ms[c.driven_by] == pytest.approx(c.descent.estimated_ms)
         assert 0 < c.measured_low_ms <= c.measured_ms <= c.measured_high_ms
+        assert 0 < c.measured_ratio < 1.5  # pruned, so not far above the original
         assert c.rel_error("fitted") == pytest.approx(
             c.estimated_ms["fitted"] / c.measured_ms - 1)
     assert checks[0].descent.config != checks[2].descent.config
