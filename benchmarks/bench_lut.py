@@ -12,9 +12,11 @@
    with the correction's weights term (lut/calibration.py; off by default), so each run shows
    what it would add.
    Engine paths: on the same table, greedy NetAdapt descents to half the original's estimate
-   (host/path_check.py), three driven by the default correction and three by the one with the
-   weights term, their final networks measured in one interleaved pass: where the engine goes,
-   not where the calibration networks lie.
+   (host/path_check.py, the engine's schedule and cap), three driven by the default correction
+   and three by the one with the weights term, their final networks measured in one
+   interleaved pass: where the engine goes, not where the calibration networks lie. Reports
+   each correction's signed errors on them and how many pairs of them it orders as the device
+   does (what the engine asks of a table: which proposal saves more).
 3. Reproducibility: `--runs N` repeats part 2 N times, each from empty on-demand tables, and
    reports how far the same variant's measured figure moved between runs; `--noise` runs it
    all beside a seeded noisy neighbour (host/device/noisy_neighbour.py) on every core.
@@ -40,8 +42,8 @@ from host.device.pool import DevicePool
 from host.device.table_builder import build_table, identity_for
 from host.lut_validation import on_demand, validate
 from host.network import Network, load_network
-from host.path_check import check_paths
-from lut.calibration import architecture_of
+from host.path_check import check_paths, order_agreement
+from lut.calibration import architecture_of, fit_correction
 from lut.estimator import LatencyEstimator
 from lut.keys import plan_keys
 from lut.store import LutStore
@@ -132,20 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fits(store: LutStore, net: Network) -> dict[str, LatencyEstimator]:
-    """The default correction and the one with the weights term, on the same table."""
-    arch = architecture_of(net.specs())
-    default = LatencyEstimator.from_store(store, architecture=arch)
-    weights = LatencyEstimator.from_store(store, architecture=arch)
-    weights.refit(weights.calibration_samples(store, arch), weights_term=True)
-    return {"default": default, "weights_term": weights}
-
-
 def _with_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
                   ) -> dict[str, float]:
     """The same measurements estimated with the weights term (lut/calibration.py): its fitted
     coefficient (0 when dropped), and its median / max |error|."""
-    est = _fits(store, net)["weights_term"]
+    arch = architecture_of(net.specs())
+    est = LatencyEstimator.from_store(store, architecture=arch)
+    est.refit(est.calibration_samples(store, arch), weights_term=True)
     errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}))
                   / r["measured_ms"] - 1) for r in rows]
     return {"c_weights_ms_per_mb": est.correction.c_weights,
@@ -154,14 +149,18 @@ def _with_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
 
 
 def _engine_paths(store: LutStore, pool: DevicePool, net: Network) -> dict[str, Any]:
-    """Descents driven by each fit (host/path_check.py); per driver, the signed errors of every
-    fit on its final networks, and what those measured."""
-    fits = _fits(store, net)
-    for est in fits.values():
-        est.fetch = on_demand(store, pool, SESSION)  # keys a descent reaches, measured now
-    checks = check_paths(pool, net, SESSION, fits)
+    """Descents driven by the default correction and by the one with the weights term, on one
+    table (host/path_check.py); per driver, the signed errors of both on its final networks,
+    and what those measured."""
+    arch = architecture_of(net.specs())
+    est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
+                                      architecture=arch)
+    corrections = {"default": est.correction,
+                   "weights_term": fit_correction(est.calibration_samples(store, arch),
+                                                  weights_term=True)}
+    checks = check_paths(pool, net, SESSION, est, corrections)
     out: dict[str, Any] = {}
-    for driver in fits:
+    for driver in corrections:
         mine = [c for c in checks if c.driven_by == driver]
         out[f"driven_by_{driver}"] = {
             "measured_ms": [c.measured_ms for c in mine],
@@ -169,8 +168,11 @@ def _engine_paths(store: LutStore, pool: DevicePool, net: Network) -> dict[str, 
             "measured_halfwidth": [(c.measured_high_ms - c.measured_low_ms) / 2 / c.measured_ms
                                    for c in mine],
             "iterations": [c.descent.iterations for c in mine],
-            **{f"{name}_rel_error": [c.rel_error(name) for c in mine] for name in fits},
+            "reached": [c.descent.reached for c in mine],
+            **{f"{name}_rel_error": [c.rel_error(name) for c in mine] for name in corrections},
         }
+    # Over every final network: pairs each correction orders as the device does.
+    out["order_agreement"] = {name: order_agreement(checks, name) for name in corrections}
     return out
 
 

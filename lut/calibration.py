@@ -19,14 +19,14 @@ uniformly, so their weights grow in step with their unit sums, and `b` takes ove
 carry (one MobileNetV1 table, width 0.5 at 1x28x28: γ = 0.35 and b = 0.048 ms/MB with it,
 γ = 0.80 without). On random variants pruned the same way the error stays small, so
 `make bench-lut` on random variants favoured the term (fifth day: lower median error in 8 of
-10 runs). But an optimiser exploits whatever the estimate attributes wrongly: NetAdapt, told
-that weights cost time, prunes the late pointwise layers that hold most of them, and ends on
-networks the term under-estimates. Measured 2026-12-01 on that table, greedy descents to half
-the original's estimate: the four driven by the three-term fit ended on networks it estimated
-11-21% low (and that measured 0.162-0.188 ms); the four driven by the two-term fit, 3% low to
-5% high (0.140-0.150 ms, faster). `make run` with the term had estimated its final network
-41% low. `make bench-lut` now measures such descents ("engine paths") beside the random
-variants. When on, `b` is fitted only from MIN_SAMPLES_WEIGHTS measurements on and kept only
+10 runs). But NetAdapt asks a table for an order (which proposal saves more), on networks
+pruned unevenly, and exploits whatever the estimate attributes wrongly. Measured 2026-12-01
+(`make bench-lut`, sixth day; five tables of MobileNetV1, MobileNetV2 and EfficientNet-Lite0):
+on the final networks of greedy descents (`host/path_check.py`) the three-term fit ordered 35
+of 63 device-resolved pairs right, the two-term fit 53; descents it drove ended slower in 14 of
+16 same-seed pairs; on the first table its own descents' networks were estimated 11-21% low,
+the two-term fit's 3% low to 5% high. `make run` with the term estimated its final network
+41% low. When on, `b` is fitted only from MIN_SAMPLES_WEIGHTS measurements on and kept only
 at full rank with `b` >= 0 (streaming weights cannot save time).
 """
 
