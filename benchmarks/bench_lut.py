@@ -165,8 +165,7 @@ def _engine_paths(store: LutStore, pool: DevicePool, net: Network) -> dict[str, 
         out[f"driven_by_{driver}"] = {
             "measured_ms": [c.measured_ms for c in mine],
             "measured_ratio_to_original": [c.measured_ratio for c in mine],
-            "measured_halfwidth": [(c.measured_high_ms - c.measured_low_ms) / 2 / c.measured_ms
-                                   for c in mine],
+            "measured_halfwidth": [c.rel_halfwidth for c in mine],
             "iterations": [c.descent.iterations for c in mine],
             "reached": [c.descent.reached for c in mine],
             **{f"{name}_rel_error": [c.rel_error(name) for c in mine] for name in corrections},

@@ -31,7 +31,7 @@ from host.device.whole_model import DEFAULT_PROTOCOL, WholeModelProtocol, measur
 from host.engine.config import AdaptConfig, Budget
 from host.engine.proposals import choose_proposals
 from host.network import ChannelConfig, Network
-from lut.calibration import Correction, unit_features
+from lut.calibration import Correction
 from lut.estimator import LatencyEstimator
 
 __all__ = ["Descent", "PathCheck", "descend", "check_paths", "estimate_with", "order_agreement"]
@@ -62,6 +62,11 @@ class PathCheck:
     tight: bool = False
     measured_ratio: float = 0.0       # to the unpruned network, in the same rounds
 
+    @property
+    def rel_halfwidth(self) -> float:
+        """Of the measured figure's interval."""
+        return (self.measured_high_ms - self.measured_low_ms) / 2 / self.measured_ms
+
     def rel_error(self, correction: str) -> float:
         """(estimate - measured) / measured, signed: < 0 is an under-estimate."""
         return self.estimated_ms[correction] / self.measured_ms - 1
@@ -69,10 +74,7 @@ class PathCheck:
 
 def estimate_with(estimator: LatencyEstimator, correction: Correction) -> Estimate:
     """`estimator`'s unit figures (fetching what it lacks) under another correction."""
-    def estimate(specs: Sequence[LayerSpec]) -> float:
-        return correction.apply(estimator.overhead_ms,
-                                unit_features(estimator.unit_latencies(specs), specs))
-    return estimate
+    return lambda specs: estimator.estimate(specs, correction)
 
 
 def descend(network: Network, estimate: Estimate, fraction: float = 0.5, seed: int = 0,
@@ -147,9 +149,7 @@ def order_agreement(checks: Sequence[PathCheck], correction: str) -> tuple[int, 
     """
     agree = resolved = 0
     for a, b in itertools.combinations(checks, 2):
-        halfwidth = max((c.measured_high_ms - c.measured_low_ms) / 2 / c.measured_ms
-                        for c in (a, b))
-        if abs(a.measured_ms / b.measured_ms - 1) <= halfwidth:
+        if abs(a.measured_ms / b.measured_ms - 1) <= max(a.rel_halfwidth, b.rel_halfwidth):
             continue
         resolved += 1
         agree += ((a.measured_ms - b.measured_ms)

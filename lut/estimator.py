@@ -231,10 +231,13 @@ class LatencyEstimator:
         """The naive figure: the plain sum of standalone unit latencies."""
         return sum(self.unit_latencies(specs))
 
-    def estimate(self, specs: Sequence[LayerSpec]) -> float:
-        """Estimated whole-network latency (ms) of a network made of `specs`."""
+    def estimate(self, specs: Sequence[LayerSpec], correction: Correction | None = None
+                 ) -> float:
+        """Estimated whole-network latency (ms) of a network made of `specs`, under the table's
+        correction or another fitted on the same table (e.g. to compare fits)."""
         units = self.unit_latencies(specs)
-        return self.correction.apply(self.overhead_ms, unit_features(units, specs))
+        return (correction or self.correction).apply(self.overhead_ms,
+                                                     unit_features(units, specs))
 
     def missing(self, specs: Sequence[LayerSpec]) -> list[LayerSpec]:
         """Specs the table lacks (before any interpolation or fetching)."""
