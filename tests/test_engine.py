@@ -30,7 +30,7 @@ from host.engine.netadapt import (
     budget_settled,
     last_measured_estimate,
 )
-from host.engine.proposals import choose_proposals
+from host.engine.proposals import choose_proposals, grid_steps
 from host.engine.report import write_outputs
 from host.progress import Progress
 from lut.calibration import Correction
@@ -194,6 +194,76 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     # The run stopped near the budget, not where the estimate met its target far below it.
     assert result.final_ratio is not None and result.final_ratio.value >= 0.8 * 0.6, (
         result.final_ratio, [(c["value"], c["decision"]) for c in checks])  # type: ignore[index]
+
+
+def _calibrated(table):  # type: ignore[no-untyped-def]
+    """The fixture's table, counted as calibrated even where every calibration network was
+    too noisy to fit on (an uncalibrated table has every iteration measured)."""
+    pool, store, est = table
+    fit = est.correction
+    return pool, store, LatencyEstimator(
+        store.load_values(), est.overhead_ms,
+        Correction(c_sum=fit.c_sum, c_units=fit.c_units, c_weights=fit.c_weights,
+                   samples=max(1, fit.samples)), fetch=est.fetch)
+
+
+def test_a_table_with_no_saving_left_hands_the_stop_to_the_device(
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    # Seen in CI: a table flatter than the device (the smallest network estimated at 0.95 of
+    # the original's, measured at 0.30) came to where it estimated no saving from any step,
+    # between checks, and the run ended "no layer can be pruned further" under a budget the
+    # device would have found met. Here no check happens on the way down at all: the check
+    # where the table runs out must decide.
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_WITHIN", -0.99)
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_EVERY_DROP", 1.0)
+    engine = small_engine(_calibrated(table), splits, tmp_path / "run",
+                          _config(budget=Budget(fraction=0.75), initial_reduction=0.5,
+                                  max_cut=1.0, short_term_steps=1))
+    result = engine.run()
+    checks = [r.budget_check for r in result.history if r.budget_check]
+    assert len(checks) == 1 and _met(checks[0])  # type: ignore[arg-type]
+    assert result.final_ratio is not None and result.final_ratio.value <= 0.75
+    on_disk = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
+    assert on_disk["budget_check"]["decision"] == "met"
+
+
+def test_a_flat_table_steps_down_the_grid_checked_by_the_device(
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    # A table that estimates no saving anywhere while the device measures the network above
+    # its budget: one grid step per layer each iteration, every network checked, until the
+    # device finds one within the budget.
+    monkeypatch.setattr("host.engine.netadapt.choose_proposals", lambda *a, **k: [])
+    engine = small_engine(_calibrated(table), splits, tmp_path / "run",
+                          _config(budget=Budget(fraction=0.9), step=32, short_term_steps=1))
+    result = engine.run()
+    assert result.history, "the original is above the budget: at least one step"
+    for r in result.history:  # one grid step of one group each iteration
+        before = result.history[r.iteration - 1].channels if r.iteration else \
+            engine.network.full_config()
+        changed = [g for g in r.channels if r.channels[g] != before[g]]
+        assert len(changed) == 1 and before[changed[0]] - r.channels[changed[0]] <= 32
+    checks = [r.budget_check for r in result.history]
+    assert all(checks) and _met(checks[-1])  # type: ignore[arg-type]
+    assert not any(_met(c) for c in checks[:-1])  # type: ignore[arg-type]
+    assert result.final_ratio is not None and result.final_ratio.value <= 0.9
+
+
+def test_a_run_at_the_grid_floor_above_the_budget_says_what_the_device_measured(
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    # Every group already at its smallest count (a grid as coarse as the widest layer), the
+    # table kept from refusing the budget at the start: the run ends with one line naming the
+    # device's figure and the grid.
+    widest = max(g.channels for g in _network().groups)
+    engine = small_engine(_calibrated(table), splits, tmp_path / "run",
+                          _config(budget=Budget(fraction=0.5), step=widest))
+    monkeypatch.setattr(engine, "_initial_target", lambda budget, original: (0.0, None))
+    with pytest.raises(BudgetUnreachable, match=r"no layer can be pruned further: at iteration "
+                                                r"0 .* the device measured [0-9.]+ ms .* "
+                                                rf"smallest count on the {widest}-channel grid"):
+        engine.run()
 
 
 def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_against_itself(
@@ -444,6 +514,22 @@ def test_proposals_take_the_fewest_filters_that_meet_the_target() -> None:
     fallback = choose_proposals([g], {0: 32}, lambda c: [c[0]],  # type: ignore[arg-type,return-value]
                                 lambda specs: cost[specs[0]], target=0.9, step=8)  # type: ignore[index]
     assert [(p.n_keep, p.meets_target) for p in fallback] == [(8, False)]
+
+
+def test_grid_steps_take_one_step_per_group_whatever_the_table_says() -> None:
+    from host.graph.groups import PrunableGroup
+
+    a = PrunableGroup(0, "a", 32, ("a",), ("a",), (0,), ())
+    b = PrunableGroup(1, "b", 16, ("b",), ("b",), (1,), ())
+    flat = {(24, 16): 1.0, (32, 8): 1.01, (32, 16): 1.0}  # no step saves anything
+    steps = grid_steps([a, b], {0: 32, 1: 16},
+                       lambda c: [(c[0], c[1])],  # type: ignore[arg-type,return-value]
+                       lambda specs: flat[specs[0]], step=8)  # type: ignore[index]
+    assert [(p.group_id, p.n_keep, p.meets_target, p.partial) for p in steps] == [
+        (0, 24, False, True), (1, 8, False, True)]
+    assert steps[1].reduction < 0  # the table's figure is kept, not made up
+    # At the floor of the grid there is no step left.
+    assert grid_steps([a, b], {0: 8, 1: 8}, lambda c: [], lambda specs: 0.0, step=8) == []
 
 
 def _cli(*argv: str) -> tuple[int, str]:

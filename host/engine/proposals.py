@@ -27,7 +27,7 @@ from host.training import TrainConfig, evaluate, fine_tune, recalibrate_batchnor
 from lut.keys import candidate_counts
 
 __all__ = ["Proposal", "ProposalResult", "ProposalContext", "choose_proposals",
-           "evaluate_proposal", "proposal_seed"]
+           "grid_steps", "evaluate_proposal", "proposal_seed"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,35 @@ def choose_proposals(
             out.append(best)
     if any(p.meets_target for p in out):
         return [p for p in out if p.meets_target or p.partial]
+    return out
+
+
+def grid_steps(
+    groups: Sequence[PrunableGroup],
+    config: Mapping[int, int],
+    specs_for: Callable[[Mapping[int, int]], Sequence[LayerSpec]],
+    metric: Callable[[Sequence[LayerSpec]], float],
+    step: int,
+) -> list[Proposal]:
+    """One step down the grid for every group not at its smallest count, whatever the metric
+    says it saves (flagged partial, not meeting a target).
+
+    For when `choose_proposals` finds nothing: a table flat where the network now is (keys
+    within their noise of each other) estimates no saving from any step, while the device
+    still measures the network above its budget. The engine then lets the device's checks,
+    not the table, say when to stop. Empty when every group is at the floor of the grid.
+    """
+    current = metric(specs_for(config))
+    out: list[Proposal] = []
+    for g in groups:
+        lower = [c for c in candidate_counts(g.channels, step) if c < config[g.id]]
+        if not lower:
+            continue
+        trial = dict(config)
+        trial[g.id] = lower[-1]
+        value = metric(specs_for(trial))
+        out.append(Proposal(g.id, g.root, lower[-1], trial, value, current - value, False,
+                            partial=True))
     return out
 
 
