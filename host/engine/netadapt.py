@@ -20,7 +20,7 @@ measured, and before that whenever the estimate fell `MEASURE_EVERY_DROP` since 
 network measured, so a table that over-estimates cannot carry the run far past the budget
 unmeasured. Where the table estimates no saving from any step (flat, within its keys' noise)
 the device decides: the network is checked, and if it misses, one grid step per group is
-proposed, each network checked, down to the floor of the grid. A table that could not be
+proposed; so on, while the table finds no saving, down to the floor of the grid. A table that could not be
 calibrated (plain sums, off by a factor and flatter
 than the device) steers by the budget's fraction of the original's estimate, and every
 iteration is measured.
@@ -484,8 +484,8 @@ class NetAdapt:
         found none): a table flatter than the device reaches this between budget checks
         (seen in CI: the smallest network estimated at 0.95 of the original's, measured at
         0.30). The device decides: this network is checked (if it was not); met, nothing more
-        to prune (returns []); missed, one grid step per group (`grid_steps`), checked again
-        next iteration.
+        to prune (returns []); missed, one grid step per group (`grid_steps`). The next network
+        is checked here again if the table still finds no saving, else by the usual cadence.
 
         Raises:
             BudgetUnreachable: missed with every group at its smallest count on the grid.
