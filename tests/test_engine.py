@@ -220,10 +220,15 @@ def test_a_table_with_no_saving_left_hands_the_stop_to_the_device(
     engine = small_engine(_calibrated(table), splits, tmp_path / "run",
                           _config(budget=Budget(fraction=0.75), initial_reduction=0.5,
                                   max_cut=1.0, short_term_steps=1))
-    result = engine.run()
-    checks = [r.budget_check for r in result.history if r.budget_check]
-    assert len(checks) == 1 and _met(checks[0])  # type: ignore[arg-type]
-    assert result.final_ratio is not None and result.final_ratio.value <= 0.75
+    result = engine.run()  # before the fix: BudgetUnreachable
+    h = result.history
+    checked = [k for k, r in enumerate(h) if r.budget_check]
+    assert checked and checked[-1] == len(h) - 1 and _met(h[-1].budget_check)  # type: ignore[arg-type]
+    assert h[-1].budget_check["high"] <= 0.75  # type: ignore[index]
+    # Every check was made where the table ran out of savings (a grid step follows, unless
+    # it was the last) or on a network a grid step made (a wide interval at the first can
+    # need steps): none by the cadence, switched off here.
+    assert all(h[k].grid_step or k == len(h) - 1 or h[k + 1].grid_step for k in checked)
     on_disk = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
     assert on_disk["budget_check"]["decision"] == "met"
 
@@ -243,11 +248,37 @@ def test_a_flat_table_steps_down_the_grid_checked_by_the_device(
         before = result.history[r.iteration - 1].channels if r.iteration else \
             engine.network.full_config()
         changed = [g for g in r.channels if r.channels[g] != before[g]]
-        assert len(changed) == 1 and before[changed[0]] - r.channels[changed[0]] <= 32
+        assert len(changed) == 1 and before[changed[0]] - r.channels[changed[0]] == 32
+        assert r.grid_step and r.target_reduction == 0.0
     checks = [r.budget_check for r in result.history]
     assert all(checks) and _met(checks[-1])  # type: ignore[arg-type]
     assert not any(_met(c) for c in checks[:-1])  # type: ignore[arg-type]
     assert result.final_ratio is not None and result.final_ratio.value <= 0.9
+
+
+def test_the_network_a_grid_step_makes_is_checked_before_the_table_steers_again(
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    # The table finds no saving once, then (noise) a small one: the network the grid step
+    # made is checked before the run prunes on the table's word again, whatever the cadence.
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_WITHIN", -0.99)
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_EVERY_DROP", 1.0)
+    calls: list[int] = []
+
+    def once_flat(*args: Any, **kw: Any) -> list[Any]:
+        calls.append(1)
+        return [] if len(calls) == 1 else choose_proposals(*args, **kw)
+
+    monkeypatch.setattr("host.engine.netadapt.choose_proposals", once_flat)
+    engine = small_engine(_calibrated(table), splits, tmp_path / "run",
+                          _config(budget=Budget(fraction=0.5), step=32, short_term_steps=1,
+                                  max_iterations=2))
+    # (Not the start's check of the budget against the grid's floor: not what is tested.)
+    monkeypatch.setattr(engine, "_initial_target", lambda budget, original: (0.0, None))
+    result = engine.run()
+    first = result.history[0]
+    assert first.grid_step and first.budget_check is not None
+    assert len(result.history) == 1 or not result.history[1].grid_step
 
 
 def test_a_run_at_the_grid_floor_above_the_budget_says_what_the_device_measured(
@@ -264,6 +295,28 @@ def test_a_run_at_the_grid_floor_above_the_budget_says_what_the_device_measured(
                                                 r"0 .* the device measured [0-9.]+ ms .* "
                                                 rf"smallest count on the {widest}-channel grid"):
         engine.run()
+
+
+def test_a_run_that_steps_down_to_the_grid_floor_names_the_devices_last_check(
+    table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    # The same, reached after grid steps: the error quotes the check made at the floor (the
+    # ratio to the original with its interval, the aim, the decision), not a stale figure.
+    monkeypatch.setattr("host.engine.netadapt.choose_proposals", lambda *a, **k: [])
+    widest = max(g.channels for g in _network().groups)
+    engine = small_engine(_calibrated(table), splits, tmp_path / "run",
+                          _config(budget=Budget(fraction=0.05), step=widest // 2,
+                                  short_term_steps=1))
+    monkeypatch.setattr(engine, "_initial_target", lambda budget, original: (0.0, None))
+    with pytest.raises(BudgetUnreachable) as caught:
+        engine.run()
+    lines = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert lines, "at least one grid step before the floor"
+    last = json.loads(lines[-1])
+    assert last["grid_step"] and last["budget_check"]["decision"].startswith("missed")
+    assert (f"ratio to original {last['budget_check']['value']:.4f}" in str(caught.value)
+            and "against the aim 0.0490" in str(caught.value)
+            and f"on the {widest // 2}-channel grid" in str(caught.value)), caught.value
 
 
 def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_against_itself(

@@ -20,10 +20,9 @@ measured, and before that whenever the estimate fell `MEASURE_EVERY_DROP` since 
 network measured, so a table that over-estimates cannot carry the run far past the budget
 unmeasured. Where the table estimates no saving from any step (flat, within its keys' noise)
 the device decides: the network is checked, and if it misses, one grid step per group is
-proposed; so on, while the table finds no saving, down to the floor of the grid. A table that could not be
-calibrated (plain sums, off by a factor and flatter
-than the device) steers by the budget's fraction of the original's estimate, and every
-iteration is measured.
+proposed, and the network so made is checked next, down to the floor of the grid. A table that
+could not be calibrated (plain sums, off by a factor and flatter than the device) steers by the
+budget's fraction of the original's estimate, and every iteration is measured.
 
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
@@ -120,6 +119,9 @@ class IterationRecord:
     # the original) with its interval, the budget ("limit") and the aim below it that checks
     # are met at, and what it decided ("met", "missed", "missed at cap (interval straddles)").
     budget_check: dict[str, Any] | None = None
+    # One grid step taken where the table estimated no saving from any step
+    # (`NetAdapt._past_the_table`): the network it made is checked on the device next.
+    grid_step: bool = False
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -484,8 +486,10 @@ class NetAdapt:
         found none): a table flatter than the device reaches this between budget checks
         (seen in CI: the smallest network estimated at 0.95 of the original's, measured at
         0.30). The device decides: this network is checked (if it was not); met, nothing more
-        to prune (returns []); missed, one grid step per group (`grid_steps`). The next network
-        is checked here again if the table still finds no saving, else by the usual cadence.
+        to prune (returns []); missed, one grid step per group (`grid_steps`), the step's
+        record flagged `grid_step` so that the network it makes is checked next. The selection
+        rule then weighs accuracy alone (every step's estimated saving is <= 0), so a long flat
+        stretch can take many checked steps, up to `max_iterations`.
 
         Raises:
             BudgetUnreachable: missed with every group at its smallest count on the grid.
@@ -497,23 +501,29 @@ class NetAdapt:
                 return []
         steps = grid_steps(self.network.groups, state.config, self.network.specs,
                            self.metric, self.config.step)
-        measured = state.measured.get(i, state.original_latency_ms)
+        check = history[-1].budget_check if i != 0 and history else None
+        device = (f"the device's budget check read {check['figure']} {check['value']:.4f} "
+                  f"[{check['low']:.4f}, {check['high']:.4f}] against the aim "
+                  f"{check['aim']:.4f} (budget {check['limit']:.4f}): {check['decision']}"
+                  if check else
+                  f"the device measured {state.measured.get(i, state.original_latency_ms):.4f}"
+                  f" ms against the budget {state.budget_ms:.4f} ms")
         where = (f"at iteration {i} the table estimates no saving from any further step "
                  f"(estimate {estimate:.4f} ms, target {state.estimate_target_ms:.4f} ms) and "
-                 f"the device measured {measured:.4f} ms against the budget "
-                 f"{state.budget_ms:.4f} ms")
+                 f"{device}")
         if not steps:
             raise BudgetUnreachable(
                 f"no layer can be pruned further: {where}, with every prunable layer at its "
                 f"smallest count on the {self.config.step}-channel grid")
-        log.warning("%s: one grid step per layer, the device checking each network", where)
+        log.warning("%s: one grid step per group, the network it makes checked next", where)
         return steps
 
     def _recorded_check(self, state: _State, history: list[IterationRecord]
                         ) -> tuple[bool, float]:
         """A budget check of the current network, recorded in `state.measured`, on the last
         history record (written to history.jsonl at once: nothing measured is lost) and on
-        the progress line. Returns (met, the measured figure over the aim)."""
+        the progress line. Returns (met, the figure over the aim: the interval's upper end
+        over it where the interval straddles the aim)."""
         met, over, check = self._check_budget(state, state.model)
         state.measured[state.iteration] = check["measured_ms"]
         if history:  # (empty only when a resumed run's history.jsonl was removed)
@@ -741,6 +751,7 @@ class NetAdapt:
                              state.budget_ms)
                     break
             elif not checked and (not self._calibrated
+                                  or (history and history[-1].grid_step)
                                   or estimate <= state.estimate_target_ms * (1 + MEASURE_WITHIN)
                                   or estimate <= (1 - MEASURE_EVERY_DROP)
                                   * self._last_measured_estimate(state, history)):
@@ -762,10 +773,12 @@ class NetAdapt:
                                          self.metric, target, cfg.step, cfg.max_cut)
             lookup_s = time.perf_counter() - t0
             self.timings["lookup_s"] += lookup_s
-            if not proposals:
+            grid_step = not proposals
+            if grid_step:
                 proposals = self._past_the_table(state, history, estimate)
                 if not proposals:
                     break  # the device measured this network within the budget
+                target = 0.0  # a grid step meets no reduction target
             bar = self.progress.bar(len(proposals), f"iteration {i}", "proposal")
             best_acc = [0.0]
             where = f"est {estimate:.3f} ms / budget {state.budget_ms:.3f} ms"
@@ -812,7 +825,7 @@ class NetAdapt:
                             "accuracy_after_bn": r.accuracy_after_bn,
                             "holdout_accuracy": r.holdout_accuracy,
                             "holdout_loss": r.holdout_loss} for r in results],
-                seconds=seconds,
+                seconds=seconds, grid_step=grid_step,
             )
             history.append(record)
             append_line(self._history_path(), record.to_json() + "\n")  # whole, or not at all
