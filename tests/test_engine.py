@@ -134,10 +134,17 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
     assert "the device measures" in caplog.text
     check = result.history[-1].budget_check
     assert check is not None and check["limit"] == 0.6 and _met(check)
-    # The line's far end is checkpointed: a resumed run retargets on the same secant.
     smallest = engine._load().smallest
-    assert smallest is not None and smallest[0] < flat.estimate(engine.network.specs(full))
-    assert smallest[1] < 0.6
+    if smallest is None:
+        # Seen in CI under load: the floor's tiny keys, measured on demand in a burst, put
+        # the smallest network at or above the original (the plain sums differ by ~0.05 ms
+        # here). No line to draw: the engine steers by the fraction, says so, and the device
+        # still decides (met above).
+        assert "does not see the smallest network as faster" in caplog.text
+        assert engine.reachable_ms() >= flat.estimate(engine.network.specs(full))
+    else:
+        # The line's far end is checkpointed: a resumed run retargets on the same secant.
+        assert smallest[0] < flat.estimate(engine.network.specs(full)) and smallest[1] < 0.6
     # An absolute budget the smallest network misses on the device too is refused, naming both.
     refused = small_engine((pool, store, flat), splits, tmp_path / "refused",
                            _config(budget=Budget(ms=1e-4)))
