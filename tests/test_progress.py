@@ -44,9 +44,11 @@ def test_adapt_to_a_file_prints_one_line_per_epoch_iteration_and_check(
 ) -> None:
     monkeypatch.setenv("NETADAPT_HOME", str(tmp_path / "home"))
     out, err = io.StringIO(), io.StringIO()
+    # A budget well above the grid's floor (0.57-0.69 of the original here, the higher under
+    # load: seen in CI refused at the start under 0.7), so the run always starts.
     code = host_main(["adapt", "--model", "mobilenet_v1", "--model-arg", "width_mult=0.25",
                       "--data", "digits", "--device",
-                      daemon.address, "--budget", "0.7", "--base-epochs", "2",
+                      daemon.address, "--budget", "0.85", "--base-epochs", "2",
                       "--max-iterations", "3", "--short-term-steps", "2", "--long-term-epochs",
                       "0", "--calibrate", "4", "--no-baseline", "--workdir",
                       str(tmp_path / "run"), "--lut", str(tmp_path / "t.sqlite")],
