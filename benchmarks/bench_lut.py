@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import statistics
 import sys
 import time
@@ -56,6 +57,23 @@ NETWORKS = {
 }
 
 
+class _ShownOnce(logging.Filter):
+    """Drops a record whose message was already shown: the bench fits the same calibration
+    measurements up to six times per network (each correction it compares), and each fit
+    repeats the same refusal warning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=20)
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/lut.json"))
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("lut.calibration").addFilter(_ShownOnce())
     results: dict[str, object] = {}
     noise = (NoisyNeighbour(seed=0, duty=0.5, seconds=6 * 3600) if args.noise
              else contextlib.nullcontext())

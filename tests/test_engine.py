@@ -28,6 +28,7 @@ from host.engine.netadapt import (
     _State,
     budget_decision,
     budget_settled,
+    describe_check,
     last_measured_estimate,
 )
 from host.engine.proposals import choose_proposals, grid_steps
@@ -355,6 +356,12 @@ def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_agains
     printed = [x for x in lines.getvalue().splitlines() if x.startswith("budget check at ")]
     assert checks and len(printed) == len(checks)
     assert not any(x.startswith("budget check at iteration 0:") for x in printed)
+    # The progress line says what history.jsonl records, in the words errors use (a check
+    # of the network iteration i made is printed as iteration i + 1's).
+    recorded = [f"budget check at iteration {r.iteration + 1}: "
+                f"{describe_check(r.budget_check)}"
+                for r in result.history if r.budget_check]
+    assert printed == recorded
     assert _met(checks[-1]) and checks[-1]["limit"] == 0.6
 
 

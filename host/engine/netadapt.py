@@ -250,6 +250,15 @@ def budget_decision(fig: Figure, aim: float) -> tuple[str, float]:
     return "missed at cap (interval straddles)", fig.high / aim
 
 
+def describe_check(check: dict[str, Any]) -> str:
+    """One budget check's record (see `NetAdapt._check_budget`) in words, for the progress
+    line and for errors: "ratio to original 0.4650 [0.4590, 0.4770] against the aim 0.4750
+    (budget 0.5000), 6 rounds: met"."""
+    return (f"{check['figure']} {check['value']:.4f} [{check['low']:.4f}, {check['high']:.4f}]"
+            f" against the aim {check['aim']:.4f} (budget {check['limit']:.4f}), "
+            f"{check['rounds']} rounds: {check['decision']}")
+
+
 def budget_settled(fig: Figure, aim: float) -> bool:
     """Whether a budget check may stop measuring before the protocol's cap.
 
@@ -502,10 +511,7 @@ class NetAdapt:
         steps = grid_steps(self.network.groups, state.config, self.network.specs,
                            self.metric, self.config.step)
         check = history[-1].budget_check if i != 0 and history else None
-        device = (f"the device's budget check read {check['figure']} {check['value']:.4f} "
-                  f"[{check['low']:.4f}, {check['high']:.4f}] against the aim "
-                  f"{check['aim']:.4f} (budget {check['limit']:.4f}): {check['decision']}"
-                  if check else
+        device = (f"the device's budget check read {describe_check(check)}" if check else
                   f"the device measured {state.measured.get(i, state.original_latency_ms):.4f}"
                   f" ms against the budget {state.budget_ms:.4f} ms")
         where = (f"at iteration {i} the table estimates no saving from any further step "
@@ -530,11 +536,8 @@ class NetAdapt:
             history[-1].measured_latency_ms = check["measured_ms"]
             history[-1].budget_check = check
             self._write_history(history)
-        self.progress.event(
-            f"budget check at iteration {state.iteration}: {check['figure']} "
-            f"{check['value']:.4f} [{check['low']:.4f}, {check['high']:.4f}] vs aim "
-            f"{check['aim']:.4f} (budget {check['limit']:.4f}) over {check['rounds']} "
-            f"rounds: {check['decision']}")
+        self.progress.event(f"budget check at iteration {state.iteration}: "
+                            f"{describe_check(check)}")
         return met, over
 
     @staticmethod
