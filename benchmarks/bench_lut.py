@@ -44,7 +44,7 @@ from host.device.table_builder import build_table, identity_for
 from host.lut_validation import on_demand, validate
 from host.network import Network, load_network
 from host.path_check import check_paths, order_agreement
-from lut.calibration import architecture_of, fit_correction
+from lut.calibration import Correction, architecture_of, fit_correction
 from lut.estimator import LatencyEstimator
 from lut.keys import plan_keys
 from lut.store import LutStore
@@ -58,9 +58,9 @@ NETWORKS = {
 
 
 class _ShownOnce(logging.Filter):
-    """Drops a record whose message was already shown: the bench fits the same calibration
-    measurements up to six times per network (each correction it compares), and each fit
-    repeats the same refusal warning."""
+    """Drops a record whose message was already shown: each table's calibration measurements
+    are fitted several times (twice in `validate`, then once with the weights term and once
+    without for the comparisons), and each fit repeats the same refusal warning."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                     summary["max_measured_halfwidth"] = max(
                         r["measured_halfwidth"] for r in rows)
                     summary["not_tight"] = sum(1 for r in rows if not r["tight"])
-                    summary.update(_with_weights(store, net, rows))
+                    # One estimator and one weights-term fit per table, for both comparisons.
+                    arch = architecture_of(net.specs())
+                    est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool,
+                                                                             SESSION),
+                                                      architecture=arch)
+                    weights = fit_correction(est.calibration_samples(store, arch),
+                                             weights_term=True)
+                    summary.update(_with_weights(est, weights, net, rows))
                     summary["rows"] = rows
-                    summary["engine_paths"] = _engine_paths(store, pool, net)
+                    summary["engine_paths"] = _engine_paths(pool, net, est, weights)
                 per_run[name] = summary
                 print(f"run {run + 1}/{args.runs} " + json.dumps(
                     {k: v for k, v in summary.items() if k != "rows"}), flush=True)
@@ -153,30 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _with_weights(store: LutStore, net: Network, rows: list[dict[str, Any]]
-                  ) -> dict[str, float]:
-    """The same measurements estimated with the weights term (lut/calibration.py): its fitted
-    coefficient (0 when dropped), and its median / max |error|."""
-    arch = architecture_of(net.specs())
-    est = LatencyEstimator.from_store(store, architecture=arch)
-    est.refit(est.calibration_samples(store, arch), weights_term=True)
-    errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}))
+def _with_weights(est: LatencyEstimator, weights: Correction, net: Network,
+                  rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The same measurements estimated with `weights`, the table's correction refitted with
+    the weights term (lut/calibration.py): its coefficient (0 when dropped), and its median /
+    max |error|."""
+    errors = [abs(est.estimate(net.specs({int(g): c for g, c in r["config"].items()}), weights)
                   / r["measured_ms"] - 1) for r in rows]
-    return {"c_weights_ms_per_mb": est.correction.c_weights,
+    return {"c_weights_ms_per_mb": weights.c_weights,
             "weights_term_median_abs_rel_error": statistics.median(errors),
             "weights_term_max_abs_rel_error": max(errors)}
 
 
-def _engine_paths(store: LutStore, pool: DevicePool, net: Network) -> dict[str, Any]:
-    """Descents driven by the default correction and by the one with the weights term, on one
-    table (host/path_check.py); per driver, the signed errors of both on its final networks,
-    and what those measured."""
-    arch = architecture_of(net.specs())
-    est = LatencyEstimator.from_store(store, fetch=on_demand(store, pool, SESSION),
-                                      architecture=arch)
-    corrections = {"default": est.correction,
-                   "weights_term": fit_correction(est.calibration_samples(store, arch),
-                                                  weights_term=True)}
+def _engine_paths(pool: DevicePool, net: Network, est: LatencyEstimator, weights: Correction
+                  ) -> dict[str, Any]:
+    """Descents driven by the table's default correction (`est`, which measures missing keys
+    on demand) and by `weights`, the one with the weights term (host/path_check.py); per
+    driver, the signed errors of both on its final networks, and what those measured."""
+    corrections = {"default": est.correction, "weights_term": weights}
     checks = check_paths(pool, net, SESSION, est, corrections)
     out: dict[str, Any] = {}
     for driver in corrections:
