@@ -231,11 +231,16 @@ class LatencyEstimator:
         """The naive figure: the plain sum of standalone unit latencies."""
         return sum(self.unit_latencies(specs))
 
-    def estimate(self, specs: Sequence[LayerSpec], correction: Correction | None = None
-                 ) -> float:
+    def estimate(self, specs: Sequence[LayerSpec], correction: Correction | None = None,
+                 overrides: Mapping[LayerSpec, float] | None = None) -> float:
         """Estimated whole-network latency (ms) of a network made of `specs`, under the table's
-        correction or another fitted on the same table (e.g. to compare fits)."""
+        correction or another fitted on the same table (e.g. to compare fits).
+
+        `overrides`: unit latencies (ms) to use in place of the table's for those units, e.g.
+        units measured again side by side (`host.engine.savings`); the table is unchanged."""
         units = self.unit_latencies(specs)
+        if overrides:
+            units = [overrides.get(s, u) for s, u in zip(specs, units, strict=True)]
         return (correction or self.correction).apply(self.overhead_ms,
                                                      unit_features(units, specs))
 

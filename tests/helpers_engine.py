@@ -56,8 +56,10 @@ def small_table(address: str, path: Path) -> Table:
 
 
 def small_config(**kw: object) -> AdaptConfig:
+    """Small settings. Savings are not measured (`resolve_savings=0`) unless a test asks: runs
+    that tests compare with each other must not have a measurement choose between proposals."""
     base = dict(budget=Budget(fraction=0.6), initial_reduction=0.08, short_term_steps=2,
-                bn_batches=2, long_term_epochs=0, batch_size=32, seed=1)
+                bn_batches=2, long_term_epochs=0, batch_size=32, seed=1, resolve_savings=0)
     base.update(kw)
     return AdaptConfig(**base)  # type: ignore[arg-type]
 

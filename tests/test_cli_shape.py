@@ -7,6 +7,8 @@ import argparse
 import io
 from pathlib import Path
 
+import pytest
+
 from host.cli.netadapt_host import build_parser, main, with_default_command
 
 
@@ -26,14 +28,18 @@ def test_the_brief_invocation_means_adapt(tmp_path: Path) -> None:
     assert "invalid choice" not in err.getvalue()
 
 
-def test_a_budget_margin_out_of_range_is_one_line_before_any_work(tmp_path: Path) -> None:
-    for margin in ("0.7", "-0.01"):
-        err = io.StringIO()
-        code = main(["--device", "127.0.0.1:9", "--budget-margin", margin, "--workdir",
-                     str(tmp_path / "w")], out=io.StringIO(), err=err)
-        assert code != 0 and err.getvalue().count("\n") == 1, err.getvalue()
-        assert "budget margin" in err.getvalue() and "127.0.0.1:9" not in err.getvalue()
-        assert not (tmp_path / "w").exists()
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--budget-margin", "0.7", "budget margin"), ("--budget-margin", "-0.01", "budget margin"),
+    ("--resolve-savings", "-1", "resolve_savings must be >= 0"),
+])
+def test_a_setting_out_of_range_is_one_line_before_any_work(tmp_path: Path, option: str,
+                                                            value: str, said: str) -> None:
+    err = io.StringIO()
+    code = main(["--device", "127.0.0.1:9", option, value, "--workdir",
+                 str(tmp_path / "w")], out=io.StringIO(), err=err)
+    assert code != 0 and err.getvalue().count("\n") == 1, err.getvalue()
+    assert said in err.getvalue() and "127.0.0.1:9" not in err.getvalue()
+    assert not (tmp_path / "w").exists()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -113,6 +113,11 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                           "--step); a group whose latency barely moves then offers a partial "
                           "step instead of a large cut (best with a ratio selection); 1: no "
                           "cap, as in the paper")
+    alg.add_argument("--resolve-savings", type=int, default=d.resolve_savings, metavar="N",
+                     help="with --metric latency and a ratio selection: time the units the N "
+                          "leading proposals change again, side by side on the device, and "
+                          "rank them by those savings rather than the table's (a few seconds "
+                          "an iteration); 0 trusts the table")
     alg.add_argument("--importance", choices=("l2", "l1"), default=d.importance,
                      help="filter norm: the lowest-norm filters are removed")
     alg.add_argument("--step", type=int, default=d.step,
@@ -225,7 +230,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
     config = AdaptConfig(
         budget=_budget(args), initial_reduction=args.initial_reduction, decay=args.decay,
         metric=args.metric, selection=args.selection, max_cut=args.max_cut,
-        importance=args.importance,
+        resolve_savings=args.resolve_savings, importance=args.importance,
         step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
         long_term_epochs=args.long_term_epochs, lr=args.lr,
         max_iterations=args.max_iterations, budget_margin=args.budget_margin,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AdaptConfig", "Budget", "SELECTIONS"]
+__all__ = ["AdaptConfig", "Budget", "SELECTIONS", "RATIO_SELECTIONS"]
 
 # How an iteration picks its proposal (`select_proposal`): by holdout accuracy or holdout
 # cross-entropy, each either outright or per unit of the metric saved ("ratio").
 SELECTIONS = ("accuracy", "ratio", "loss", "loss-ratio")
+RATIO_SELECTIONS = ("ratio", "loss-ratio")  # those that divide by what a proposal saves
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class AdaptConfig:
     # the paper's rule (Algorithm 1: the most accurate proposal, the fewest filters).
     selection: str = "loss-ratio"     # see SELECTIONS
     max_cut: float = 0.25             # most of a group's channels one proposal removes (1: no cap)
+    # With the latency metric and a ratio selection: the savings of this many leading
+    # proposals are timed again on the device, side by side, and the choice among them rests on
+    # those (host.engine.savings); 0 trusts the table's.
+    resolve_savings: int = 4
     importance: str = "l2"            # filter norm: l2 | l1
     step: int = 8                     # channel grid
     short_term_steps: int = 50        # fine-tuning iterations per proposal
@@ -74,6 +79,9 @@ class AdaptConfig:
                              f"{', '.join(SELECTIONS)}")
         if self.importance not in ("l1", "l2"):
             raise ValueError(f"unknown importance {self.importance!r}; use l2 or l1")
+        if self.resolve_savings < 0:
+            raise ValueError(f"resolve_savings must be >= 0 (0: trust the table), got "
+                             f"{self.resolve_savings}")
         if not 0 < self.max_cut <= 1:
             raise ValueError(f"max_cut must be in (0, 1], got {self.max_cut}")
         if not 0 <= self.budget_margin < 0.5:

@@ -24,10 +24,17 @@ proposed, and the network so made is checked next, down to the floor of the grid
 could not be calibrated (plain sums, off by a factor and flatter than the device) steers by the
 budget's fraction of the original's estimate, and every iteration is measured.
 
+With the latency metric and a ratio selection (accuracy or loss lost per millisecond saved),
+the savings of the leading proposals are timed again on the device, each proposal's changed
+units beside the units they replace (`host.engine.savings`), and the choice among them rests on
+those: on a small network a step saves about as much as a table key's noise, and a ranking per
+millisecond saved would otherwise be a ranking by noise.
+
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
 every random choice is seeded from (seed, iteration, group), and the lookup table keeps every
-timing it was given.
+timing it was given. Two separate runs differ where a measurement decides (a budget check, a
+measured saving).
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from host.device.whole_model import (
     WholeModelProtocol,
     measure_networks,
 )
-from host.engine.config import AdaptConfig
+from host.engine.config import RATIO_SELECTIONS, AdaptConfig
 from host.engine.executor import make_executor
 from host.engine.failures import append_line, run_failures, save_checkpoint
 from host.engine.metrics import make_metric
@@ -67,6 +74,7 @@ from host.engine.proposals import (
     choose_proposals,
     grid_steps,
 )
+from host.engine.savings import measure_savings
 from host.graph.onnx_export import export_onnx
 from host.network import Network
 from host.progress import Progress
@@ -74,8 +82,8 @@ from host.training import TrainConfig, evaluate, score, train
 from lut.estimator import LatencyEstimator
 from lut.keys import candidate_counts
 
-__all__ = ["NetAdapt", "AdaptResult", "select_proposal", "IterationRecord", "BudgetUnreachable",
-           "RunExists", "CheckpointError"]
+__all__ = ["NetAdapt", "AdaptResult", "select_proposal", "rank_proposals", "resolved_choice",
+           "IterationRecord", "BudgetUnreachable", "RunExists", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +298,12 @@ def last_measured_estimate(measured: dict[int, float], history: list[IterationRe
     return None
 
 
-def select_proposal(results: list[ProposalResult], current_acc: float,
-                    selection: str, current_loss: float = math.nan) -> ProposalResult:
-    """The proposal an iteration keeps (paper, Sec. 3.2: the most accurate; the other rules
-    are this project's levers, see `AdaptConfig.selection`).
+def rank_proposals(results: list[ProposalResult], current_acc: float, selection: str,
+                   current_loss: float = math.nan,
+                   saving: Callable[[ProposalResult], float] | None = None
+                   ) -> list[ProposalResult]:
+    """The proposals best first (paper, Sec. 3.2: the most accurate; the other rules are this
+    project's levers, see `AdaptConfig.selection`).
 
     "accuracy": the best holdout accuracy; ties go to the larger cut, then the lower group id.
     "ratio": the least holdout accuracy lost per unit of the metric saved (per ms with the
@@ -305,6 +315,9 @@ def select_proposal(results: list[ProposalResult], current_acc: float,
     network's. On a few hundred holdout images the loss moves with every image's confidence,
     so it separates proposals that the accuracy ties or ranks by a handful of flips.
 
+    ``saving``: what each proposal saves, in place of the table's ``proposal.reduction`` (e.g.
+    measured on the device: `host.engine.savings`); used by the ratio rules.
+
     Raises:
         ValueError: An unknown ``selection``, or "loss-ratio" without ``current_loss``.
     """
@@ -312,9 +325,9 @@ def select_proposal(results: list[ProposalResult], current_acc: float,
         return (-r.proposal.reduction, r.proposal.group_id)
 
     if selection == "accuracy":
-        return min(results, key=lambda r: (-r.holdout_accuracy, *tie_break(r)))
+        return sorted(results, key=lambda r: (-r.holdout_accuracy, *tie_break(r)))
     if selection == "loss":
-        return min(results, key=lambda r: (r.holdout_loss, *tie_break(r)))
+        return sorted(results, key=lambda r: (r.holdout_loss, *tie_break(r)))
     if selection == "ratio":
         def lost(r: ProposalResult) -> tuple[float, float]:
             return current_acc - r.holdout_accuracy, -r.holdout_accuracy
@@ -326,13 +339,37 @@ def select_proposal(results: list[ProposalResult], current_acc: float,
             return r.holdout_loss - current_loss, r.holdout_loss
     else:
         raise ValueError(f"unknown selection {selection!r}")
+    saved = saving or (lambda r: r.proposal.reduction)
 
     def key(r: ProposalResult) -> tuple[float, float, float, int]:
         worse, rank = lost(r)
-        per_unit = max(worse, 0.0) / max(r.proposal.reduction, 1e-12)
+        per_unit = max(worse, 0.0) / max(saved(r), 1e-12)
         return (per_unit, rank, *tie_break(r))
 
-    return min(results, key=key)
+    return sorted(results, key=key)
+
+
+def select_proposal(results: list[ProposalResult], current_acc: float,
+                    selection: str, current_loss: float = math.nan) -> ProposalResult:
+    """The proposal an iteration keeps by the table's savings: `rank_proposals`' first."""
+    return rank_proposals(results, current_acc, selection, current_loss)[0]
+
+
+def resolved_choice(ranked: list[ProposalResult], savings: dict[int, Figure],
+                    current_acc: float, selection: str, current_loss: float = math.nan
+                    ) -> ProposalResult:
+    """Of the proposals whose savings were measured (`savings`, by group id), those the device
+    resolved as positive (interval above zero), ranked again by their measured savings; the
+    table's leader when none is.
+
+    A proposal whose measured saving may be nothing cannot win on it: ranked per millisecond
+    saved, it would win on noise."""
+    resolved = [r for r in ranked
+                if r.proposal.group_id in savings and savings[r.proposal.group_id].low > 0]
+    if not resolved:
+        return ranked[0]
+    return rank_proposals(resolved, current_acc, selection, current_loss,
+                          saving=lambda r: savings[r.proposal.group_id].value)[0]
 
 
 class NetAdapt:
@@ -370,7 +407,7 @@ class NetAdapt:
         self.protocol = protocol
         self.original_ms = original_ms
         self.timings = {"lookup_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0,
-                        "measure_s": 0.0}
+                        "measure_s": 0.0, "savings_s": 0.0}
 
     # -- helpers --------------------------------------------------------------------------
     def _estimate(self, config: dict[int, int]) -> float:
@@ -384,6 +421,28 @@ class NetAdapt:
                                   settled)
         self.timings["measure_s"] += time.perf_counter() - t0
         return rounds
+
+    def _measure_savings(self, state: _State, ranked: list[ProposalResult]
+                         ) -> dict[int, Figure]:
+        """The savings of the `AdaptConfig.resolve_savings` leading proposals, measured on
+        the device (`host.engine.savings`), by group id; none where the ranking does not
+        divide by a latency saving."""
+        cfg = self.config
+        if (cfg.resolve_savings == 0 or cfg.metric != "latency" or len(ranked) < 2
+                or cfg.selection not in RATIO_SELECTIONS):
+            return {}
+        shortlist = ranked[:cfg.resolve_savings]
+        t0 = time.perf_counter()
+        figures, passes = measure_savings(
+            self.estimator, self.pool.clients[0], self.session, self.network.specs(state.config),
+            [self.network.specs(r.proposal.config) for r in shortlist])
+        self.timings["savings_s"] += time.perf_counter() - t0
+        for r, f in zip(shortlist, figures, strict=True):
+            log.info("group %d saves %s measured (table: %.5f ms)", r.proposal.group_id,
+                     f.describe(digits=5), r.proposal.reduction)
+        log.info("savings of %d proposals: %d units in %d passes, %.1f s", len(shortlist),
+                 len(passes.specs), passes.passes, passes.seconds)
+        return {r.proposal.group_id: f for r, f in zip(shortlist, figures, strict=True)}
 
     def _check_budget(self, state: _State, model: nn.Module) -> tuple[bool, float, dict[str, Any]]:
         """Measures `model` against the budget (see the module docstring).
@@ -801,9 +860,13 @@ class NetAdapt:
             # rather than stored, so a resumed run needs nothing new in its checkpoint.
             current_loss = (score(state.model, self.splits.holdout).loss
                             if cfg.selection == "loss-ratio" else math.nan)
-            chosen = select_proposal(results, current_acc, cfg.selection, current_loss)
+            ranked = rank_proposals(results, current_acc, cfg.selection, current_loss)
+            t2 = time.perf_counter()
+            savings = {} if grid_step else self._measure_savings(state, ranked)
+            chosen = resolved_choice(ranked, savings, current_acc, cfg.selection, current_loss)
             seconds = {
                 "lookup": lookup_s,
+                "savings": time.perf_counter() - t2 if savings else 0.0,
                 "surgery": sum(r.surgery_s for r in results),
                 "finetune": sum(r.finetune_s for r in results),
                 "eval": sum(r.eval_s for r in results),
@@ -827,7 +890,10 @@ class NetAdapt:
                             "reduction": r.proposal.reduction, "partial": r.proposal.partial,
                             "accuracy_after_bn": r.accuracy_after_bn,
                             "holdout_accuracy": r.holdout_accuracy,
-                            "holdout_loss": r.holdout_loss} for r in results],
+                            "holdout_loss": r.holdout_loss,
+                            "saving_measured": (savings[r.proposal.group_id].to_dict()
+                                                if r.proposal.group_id in savings else None)}
+                           for r in results],
                 seconds=seconds, grid_step=grid_step,
             )
             history.append(record)
