@@ -153,6 +153,7 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
         saved_again = (sum(again[x] for x in gone) - sum(again[x] for x in added)
                        if again else float("nan"))
         chosen = next((p for p in rec.proposals if p["group_id"] == g), {})
+        measured = chosen.get("saving_measured") or {}  # the engine's own, side by side
         steps.append({
             "iteration": rec.iteration, "group": g, "root": rec.group_root,
             "from": before[g], "to": rec.channels[g], "filters": before[g] - rec.channels[g],
@@ -163,6 +164,9 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
             "latency_saved_again_ms": saved_again,
             "second_session_change": (abs(saved_again - saved_ms) / saved_ms
                                       if saved_ms > 0 else float("inf")),
+            "saving_measured_ms": measured.get("value", float("nan")),
+            "table_over_measured": (chosen["reduction"] / measured["value"]
+                                    if measured.get("value", 0) > 0 else float("nan")),
             "keys_changed": len(gone) + len(added),
             "holdout_before": prev_acc, "after_bn": rec.accuracy_after_bn,
             "after_finetune": rec.holdout_accuracy, "proposals": len(rec.proposals),
@@ -193,6 +197,17 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
         "second_session_change_median": med([s["second_session_change"] for s in steps]),
         "second_session_change_max": top([s["second_session_change"] for s in steps]),
         "partial_steps": sum(s["partial"] for s in steps),
+        # Steps whose saving the engine measured side by side, and the table's saving over it.
+        "steps_with_measured_saving": sum(math.isfinite(s["saving_measured_ms"]) for s in steps),
+        "table_over_measured_median": med([s["table_over_measured"] for s in steps]),
+        # ... and over every leading proposal measured, chosen or not (a leader leads partly
+        # because the table over-states its saving: the winner's curse).
+        "leaders_table_over_measured_median": med([
+            p["reduction"] / p["saving_measured"]["value"] for r in res.history
+            for p in r.proposals
+            if p.get("saving_measured") and p["saving_measured"]["value"] > 0]),
+        "savings_share_of_wall": (sum(r.seconds.get("savings", 0.0) for r in res.history)
+                                  / max(sum(r.seconds["wall"] for r in res.history), 1e-9)),
         "steps": steps,
     }
 
@@ -210,7 +225,12 @@ def _print_diagnosis(label: str, d: dict[str, Any]) -> None:
           f"{f(d['ci_over_saving_median'], '.3f')}; saving re-measured in a second session "
           f"moves by median {f(d['second_session_change_median'], '.0%')} max "
           f"{f(d['second_session_change_max'], '.0%')}"
-          f"; partial steps {d['partial_steps']}", flush=True)
+          f"; partial steps {d['partial_steps']}; savings measured on "
+          f"{d['steps_with_measured_saving']} steps (table / measured, median "
+          f"{f(d['table_over_measured_median'], '.2f')} chosen, "
+          f"{f(d['leaders_table_over_measured_median'], '.2f')} all leaders measured; "
+          f"{d['savings_share_of_wall']:.0%} of "
+          f"the iterations' wall time)", flush=True)
     print("    groups pruned (original -> final): "
           + ", ".join(f"{g}:{a}->{b}" for g, (a, b) in d["groups_pruned"].items()), flush=True)
 

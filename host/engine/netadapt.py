@@ -24,11 +24,11 @@ proposed, and the network so made is checked next, down to the floor of the grid
 could not be calibrated (plain sums, off by a factor and flatter than the device) steers by the
 budget's fraction of the original's estimate, and every iteration is measured.
 
-With the latency metric and a ratio selection (accuracy or loss lost per millisecond saved),
-the savings of the leading proposals are timed again on the device, each proposal's changed
-units beside the units they replace (`host.engine.savings`), and the choice among them rests on
-those: on a small network a step saves about as much as a table key's noise, and a ranking per
-millisecond saved would otherwise be a ranking by noise.
+With `AdaptConfig.resolve_savings` (off by default), the latency metric and a ratio selection
+(accuracy or loss lost per millisecond saved), the savings of the leading proposals are timed
+again on the device, each proposal's changed units beside the units they replace
+(`host.engine.savings`), and the choice among them rests on those: on a small network a step
+saves about as much as a table key's noise.
 
 Each completed iteration is checkpointed (model, channels, effective budget, measured figures),
 so `resume=True` continues from the last one with the same results as an uninterrupted run:
