@@ -51,8 +51,8 @@ class AdaptConfig:
     max_cut: float = 0.25             # most of a group's channels one proposal removes (1: no cap)
     # With the latency metric and a ratio selection: the savings of this many leading
     # proposals are timed again on the device, side by side, and the choice among them rests on
-    # those (host.engine.savings); 0 trusts the table's. Off by default: at 35% it ended 1.8
-    # and N points below the table's choice (README, bench-adapt's fourteenth day).
+    # those (host.engine.savings); 0 trusts the table's. Off by default: at 35% it ended less
+    # accurate than the table's choice on both seeds tried (README, bench-adapt's fourteenth day).
     resolve_savings: int = 0
     importance: str = "l2"            # filter norm: l2 | l1
     step: int = 8                     # channel grid
