@@ -27,7 +27,7 @@ from host.device.unit_passes import UnitPasses, measure_unit_passes
 from host.device.whole_model import Figure
 from lut.estimator import LatencyEstimator
 
-__all__ = ["SavingsProtocol", "changed_units", "measure_savings"]
+__all__ = ["SavingsProtocol", "DEFAULT_SAVINGS_PROTOCOL", "changed_units", "measure_savings"]
 
 
 @dataclass(frozen=True)
