@@ -52,7 +52,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from host.device.table_builder import ensure_overhead, identity_for
 from host.device.whole_model import measure_networks
 from host.engine.config import SELECTIONS, AdaptConfig, Budget
 from host.engine.netadapt import AdaptResult, NetAdapt
+from host.engine.savings import changed_units
 from host.graph.groups import current_config
 from host.graph.onnx_export import export_onnx
 from host.graph.surgery import uniform_width_config
@@ -131,11 +131,9 @@ def diagnose(res: AdaptResult, network: Network, est: LatencyEstimator, store: L
     """
     full = network.full_config()
     configs = [dict(full)] + [dict(r.channels) for r in res.history]
-    changes = []
-    for before, after in zip(configs, configs[1:], strict=False):
-        # Multisets: identical units (same shapes) occur several times in one network.
-        b, a = Counter(network.specs(before)), Counter(network.specs(after))
-        changes.append((list((b - a).elements()), list((a - b).elements())))
+    # Multisets: identical units (same shapes) occur several times in one network.
+    changes = [changed_units(network.specs(before), network.specs(after))
+               for before, after in zip(configs, configs[1:], strict=False)]
     again: Mapping[LayerSpec, float] = {}
     if remeasure is not None and changes:
         again = remeasure(list(dict.fromkeys(s for old, new in changes for s in (*old, *new))))

@@ -84,11 +84,16 @@ def measure_savings(
     changed = [changed_units(current, c) for c in candidates]
     units = [s for removed, added in changed for s in (*removed, *added)]
 
+    saved: list[list[float]] = [[] for _ in candidates]  # [candidate][pass] ms
+    done = [0]  # passes already turned into savings: `settled` is asked after every pass
+
     def savings(passes: UnitPasses) -> list[Figure]:
-        return [_saving([estimator.estimate(current, overrides=p)
-                         - estimator.estimate(c, overrides=p) for p in passes.values],
-                        protocol.target_halfwidth)
-                for c in candidates]
+        for p in passes.values[done[0]:]:
+            now = estimator.estimate(current, overrides=p)
+            for s, c in zip(saved, candidates, strict=True):
+                s.append(now - estimator.estimate(c, overrides=p))
+        done[0] = passes.passes
+        return [_saving(s, protocol.target_halfwidth) for s in saved]
 
     def settled(passes: UnitPasses) -> bool:
         return all(f.tight or f.high <= 0 for f in savings(passes))
