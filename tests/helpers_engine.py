@@ -55,10 +55,17 @@ def small_table(address: str, path: Path) -> Table:
     return pool, store, est
 
 
+# The default relative budget. The smallest network on the 8-channel grid measures 0.57-0.59 of
+# the original when the machine is quiet and up to 0.69 under load (small networks carry more
+# fixed cost, which load inflates), and a budget is met at its fraction less the 0.02 margin:
+# 0.6 left a run refused at the start in CI (the floor at 0.5885, the aim 0.588).
+BUDGET_FRACTION = 0.7
+
+
 def small_config(**kw: object) -> AdaptConfig:
     """Small settings. Savings are not measured (`resolve_savings=0`) unless a test asks: runs
     that tests compare with each other must not have a measurement choose between proposals."""
-    base = dict(budget=Budget(fraction=0.6), initial_reduction=0.08, short_term_steps=2,
+    base = dict(budget=Budget(fraction=BUDGET_FRACTION), initial_reduction=0.08, short_term_steps=2,
                 bn_batches=2, long_term_epochs=0, batch_size=32, seed=1, resolve_savings=0)
     base.update(kw)
     return AdaptConfig(**base)  # type: ignore[arg-type]

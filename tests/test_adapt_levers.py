@@ -16,7 +16,13 @@ from host.engine.netadapt import select_proposal
 from host.engine.proposals import Proposal, ProposalResult, choose_proposals
 from host.graph.groups import PrunableGroup
 from host.training import evaluate, score
-from tests.helpers_engine import small_config, small_engine, small_splits, small_table
+from tests.helpers_engine import (
+    BUDGET_FRACTION,
+    small_config,
+    small_engine,
+    small_splits,
+    small_table,
+)
 
 
 def _groups() -> list[PrunableGroup]:
@@ -191,17 +197,26 @@ def test_runs_sharing_a_reference_latency_resolve_the_same_budget(
         daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     table = small_table(daemon.address, tmp_path / "lut.sqlite")
     splits = small_splits()
-    results = []
+    results, engines = [], []
     for name, metric in (("lat", "latency"), ("macs", "macs")):
         config = small_config(metric=metric, max_iterations=1, selection="ratio", max_cut=0.5)
-        engine = small_engine(table, splits, tmp_path / name, config, original_ms=0.2)
-        results.append(engine.run())
+        engines.append(small_engine(table, splits, tmp_path / name, config, original_ms=0.2))
+        results.append(engines[-1].run())
     assert [r.original_latency_ms for r in results] == [0.2, 0.2]
-    assert [r.budget_ms for r in results] == [pytest.approx(0.6 * 0.2)] * 2
-    for r in results:
+    assert [r.budget_ms for r in results] == [pytest.approx(BUDGET_FRACTION * 0.2)] * 2
+    for r, engine in zip(results, engines, strict=True):
         assert r.iterations == 1
-        full = small_engine(table, splits, tmp_path / "x", small_config()).network.full_config()
+        full = engine.network.full_config()
         (step,) = [g for g, n in r.history[0].channels.items() if n != full[g]]
         removed = full[step] - r.history[0].channels[step]
-        assert 0 < removed <= max(8, full[step] // 2)  # the cap held
+        cap = max(8, full[step] // 2)
+        assert 0 < removed
+        if removed > cap:
+            # Past the cap only where no count within it moves the metric (seen in CI with a
+            # table measured under load: a group's table latency flat over its top half).
+            chosen = [p for p in r.history[0].proposals if p["group_id"] == step]
+            assert chosen and chosen[0]["partial"]
+            specs = engine.network.specs
+            within = [{**full, step: full[step] - k} for k in range(8, cap + 1, 8)]
+            assert all(engine.metric(specs(c)) >= engine.metric(specs(full)) for c in within)
         assert all("partial" in p for p in r.history[0].proposals)

@@ -37,6 +37,7 @@ from host.progress import Progress
 from lut.calibration import Correction
 from lut.estimator import LatencyEstimator
 from tests.helpers_engine import (
+    BUDGET_FRACTION,
     small_config,
     small_engine,
     small_network,
@@ -61,9 +62,9 @@ def test_adaptation_meets_the_measured_budget_and_writes_outputs(table, splits, 
     # ... decided on the interval of its ratio to the original, measured in the same passes.
     check = result.history[-1].budget_check
     assert check is not None and check["figure"] == "ratio to original"
-    assert check["limit"] == 0.6 and _met(check)
+    assert check["limit"] == BUDGET_FRACTION and _met(check)
     assert check["low"] <= check["value"] <= check["high"] and check["rounds"] >= 6
-    assert result.final_ratio is not None and result.budget_fraction == 0.6
+    assert result.final_ratio is not None and result.budget_fraction == BUDGET_FRACTION
     # The final pass keeps every pass: [original, final][pass] ms, whose ratio is the figure.
     original_passes, final_passes = result.final_passes_ms or [[], []]
     assert len(final_passes) == result.final_ratio.rounds
@@ -134,7 +135,7 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
         result = engine.run()
     assert "the device measures" in caplog.text
     check = result.history[-1].budget_check
-    assert check is not None and check["limit"] == 0.6 and _met(check)
+    assert check is not None and check["limit"] == BUDGET_FRACTION and _met(check)
     smallest = engine._load().smallest
     if smallest is None:
         # Seen in CI under load: the floor's tiny keys, measured on demand in a burst, put
@@ -145,11 +146,14 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
         assert engine.reachable_ms() >= flat.estimate(engine.network.specs(full))
     else:
         # The line's far end is checkpointed: a resumed run retargets on the same secant.
-        assert smallest[0] < flat.estimate(engine.network.specs(full)) and smallest[1] < 0.6
+        assert smallest[0] < flat.estimate(engine.network.specs(full))
+        assert smallest[1] < BUDGET_FRACTION
     # An absolute budget the smallest network misses on the device too is refused, naming both.
     refused = small_engine((pool, store, flat), splits, tmp_path / "refused",
                            _config(budget=Budget(ms=1e-4)))
-    with pytest.raises(BudgetUnreachable, match=r"table estimates 0\.9.* device measures"):
+    # (1.000 when the floor's keys measured in a burst put it at the original: seen in CI.)
+    named = r"table estimates (0\.9|1\.)\d+ of the original and the device measures"
+    with pytest.raises(BudgetUnreachable, match=named):
         refused.run()
     assert not (tmp_path / "refused").exists()
 
@@ -200,7 +204,7 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     checks = [r.budget_check for r in result.history if r.budget_check]
     assert checks and _met(checks[-1])  # type: ignore[arg-type]
     # The run stopped near the budget, not where the estimate met its target far below it.
-    assert result.final_ratio is not None and result.final_ratio.value >= 0.8 * 0.6, (
+    assert result.final_ratio is not None and result.final_ratio.value >= 0.8 * BUDGET_FRACTION, (
         result.final_ratio, [(c["value"], c["decision"]) for c in checks])  # type: ignore[index]
 
 
@@ -349,7 +353,8 @@ def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_agains
 
     engine._measure = recording  # type: ignore[method-assign]
     result = engine.run()
-    assert engine._estimate(engine.network.full_config()) < 0.6 * result.original_latency_ms
+    full_ms = engine._estimate(engine.network.full_config())
+    assert full_ms < BUDGET_FRACTION * result.original_latency_ms
     candidates = [models[-1] for models in measured[1:]]  # [0]: the original, for the budget
     assert all(m is not engine.network.model for m in candidates[:-1])  # [-1]: the final pass
     checks = [r.budget_check for r in result.history if r.budget_check]
@@ -362,7 +367,7 @@ def test_a_table_that_puts_the_original_within_budget_does_not_measure_it_agains
                 f"{describe_check(r.budget_check)}"
                 for r in result.history if r.budget_check]
     assert printed == recorded
-    assert _met(checks[-1]) and checks[-1]["limit"] == 0.6
+    assert _met(checks[-1]) and checks[-1]["limit"] == BUDGET_FRACTION
 
 
 def test_an_absolute_budget_the_original_already_meets_prunes_nothing(

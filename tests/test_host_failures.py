@@ -121,7 +121,7 @@ def test_adapt_cli_reports_a_killed_worker_in_one_line(daemon: Any, tmp_path: Pa
         ["adapt", "--model", "mobilenet_v1", "--model-arg", "width_mult=0.25",
          "--data", "tests.helpers_failures:kill_once_splits", "--checkpoint", str(checkpoint),
          "--device", daemon.address, "--lut", str(tmp_path / "t.sqlite"), "--workdir",
-         str(workdir), "--workers", "2", "--budget", "0.6", "--short-term-steps", "2",
+         str(workdir), "--workers", "2", "--budget", "0.7", "--short-term-steps", "2",
          "--bn-batches", "2", "--long-term-epochs", "0", "--calibrate", "4", "--no-baseline"],
         out=out, err=err)
     text = err.getvalue()
