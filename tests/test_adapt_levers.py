@@ -81,6 +81,28 @@ def test_a_cap_never_walls_off_a_group_whose_capped_steps_do_not_move_the_metric
                                                8, 1.0)] == [40]  # type: ignore[arg-type]
 
 
+def test_a_strict_cap_leaves_out_a_group_whose_capped_steps_do_not_move_the_metric() -> None:
+    """`strict_cap`: the same flat group offers nothing rather than a step past the cap, and a
+    group whose metric moves within the cap offers the same step as without it."""
+    groups = [PrunableGroup(0, "a", 64, ("a",), ("a",), (0,), ()),
+              PrunableGroup(1, "b", 64, ("b",), ("b",), (1,), ())]
+
+    def cost(c: dict[int, int]) -> float:  # group 0 flat down to 48; group 1 linear
+        return (1.0 if c[0] > 40 else 0.5) + c[1] / 64
+
+    def pick(strict: bool) -> list[tuple[int, int, bool]]:
+        return [(p.group_id, p.n_keep, p.partial) for p in choose_proposals(
+            groups, {0: 64, 1: 64}, lambda c: dict(c), cost, 0.9, 8, 0.25,  # type: ignore[arg-type]
+            strict_cap=strict)]
+
+    assert pick(False) == [(0, 40, True), (1, 48, True)]
+    assert pick(True) == [(1, 48, True)]
+    # Nothing left within the cap anywhere: no proposal (the engine then takes grid steps).
+    flat = [groups[0]]
+    assert choose_proposals(flat, {0: 64}, lambda c: dict(c), lambda c: cost({**c, 1: 0}),
+                            0.2, 8, 0.25, strict_cap=True) == []  # type: ignore[arg-type]
+
+
 def test_max_cut_is_validated() -> None:
     with pytest.raises(ValueError, match="max_cut"):
         AdaptConfig(Budget(fraction=0.5), max_cut=0.0)

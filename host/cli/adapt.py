@@ -113,6 +113,10 @@ def add_adapt_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                           "--step); a group whose latency barely moves then offers a partial "
                           "step instead of a large cut (best with a ratio selection); 1: no "
                           "cap, as in the paper")
+    alg.add_argument("--strict-cap", action="store_true",
+                     help="a group whose latency does not move within --max-cut offers no "
+                          "step, rather than the smallest step past the cap that moves it "
+                          "(the table is flat over stretches of a narrow layer's width)")
     alg.add_argument("--resolve-savings", type=int, default=d.resolve_savings, metavar="N",
                      help="with --metric latency and a ratio selection: time the units the N "
                           "leading proposals change again, side by side on the device, and "
@@ -231,6 +235,7 @@ def _adapt(args: argparse.Namespace, out: TextIO) -> int:
     config = AdaptConfig(
         budget=_budget(args), initial_reduction=args.initial_reduction, decay=args.decay,
         metric=args.metric, selection=args.selection, max_cut=args.max_cut,
+        strict_cap=args.strict_cap,
         resolve_savings=args.resolve_savings, importance=args.importance,
         step=args.step, short_term_steps=args.short_term_steps, bn_batches=args.bn_batches,
         long_term_epochs=args.long_term_epochs, lr=args.lr,

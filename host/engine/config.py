@@ -49,6 +49,11 @@ class AdaptConfig:
     # the paper's rule (Algorithm 1: the most accurate proposal, the fewest filters).
     selection: str = "loss-ratio"     # see SELECTIONS
     max_cut: float = 0.25             # most of a group's channels one proposal removes (1: no cap)
+    # True: a group whose metric does not move within `max_cut` offers nothing, rather than the
+    # smallest step past the cap that moves it. A latency table is flat over stretches of a
+    # narrow layer's width (fixed cost, noise): at 35% the latency runs took 8-13 such steps
+    # (up to 62% of a group at once), the MACs runs none (README, bench-adapt).
+    strict_cap: bool = False
     # With the latency metric and a ratio selection: the savings of this many leading
     # proposals are timed again on the device, side by side, and the choice among them rests on
     # those (host.engine.savings); 0 trusts the table's. Off by default: at 35% it ended less

@@ -832,7 +832,8 @@ class NetAdapt:
             target = self._reduction_target(state, estimate, original_metric)
             t0 = time.perf_counter()
             proposals = choose_proposals(self.network.groups, state.config, self.network.specs,
-                                         self.metric, target, cfg.step, cfg.max_cut)
+                                         self.metric, target, cfg.step, cfg.max_cut,
+                                         cfg.strict_cap)
             lookup_s = time.perf_counter() - t0
             self.timings["lookup_s"] += lookup_s
             grid_step = not proposals

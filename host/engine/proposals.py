@@ -76,6 +76,7 @@ def choose_proposals(
     target: float,
     step: int,
     max_cut: float = 1.0,
+    strict_cap: bool = False,
 ) -> list[Proposal]:
     """For every group, the fewest filters whose removal cuts the metric by >= `target`.
 
@@ -89,7 +90,9 @@ def choose_proposals(
     `partial=True`) beside the groups that meet the target; the selection rule weighs them
     (e.g. accuracy lost per unit of the metric saved). Where no step within the cap reduces
     the metric at all, the group offers the smallest step beyond it that does (also partial,
-    unless it meets the target), so a cap never makes a budget unreachable.
+    unless it meets the target), so a cap never makes a budget unreachable. With
+    `strict_cap` such a group offers nothing instead: a budget the other groups cannot reach
+    is then left to the engine's grid steps, checked on the device.
     """
     if not 0 < max_cut <= 1:
         raise ValueError(f"max_cut must be in (0, 1], got {max_cut}")
@@ -103,8 +106,8 @@ def choose_proposals(
         capped: Proposal | None = None
         for n_keep in reversed(counts):
             beyond_cap = max_cut < 1 and n_keep < floor
-            if beyond_cap and best is not None:  # the target lies beyond the cap
-                capped = best  # the largest reduction within it
+            if beyond_cap and (best is not None or strict_cap):  # the target lies beyond the cap
+                capped = best  # the largest reduction within it (None: nothing within it moves)
                 break
             trial = dict(config)
             trial[g.id] = n_keep
