@@ -84,8 +84,7 @@ def test_a_cap_never_walls_off_a_group_whose_capped_steps_do_not_move_the_metric
 def test_a_strict_cap_leaves_out_a_group_whose_capped_steps_do_not_move_the_metric() -> None:
     """`strict_cap`: the same flat group offers nothing rather than a step past the cap, and a
     group whose metric moves within the cap offers the same step as without it."""
-    groups = [PrunableGroup(0, "a", 64, ("a",), ("a",), (0,), ()),
-              PrunableGroup(1, "b", 64, ("b",), ("b",), (1,), ())]
+    groups = _groups()
 
     def cost(c: dict[int, int]) -> float:  # group 0 flat down to 48; group 1 linear
         return (1.0 if c[0] > 40 else 0.5) + c[1] / 64
@@ -239,6 +238,7 @@ def test_runs_sharing_a_reference_latency_resolve_the_same_budget(
             chosen = [p for p in r.history[0].proposals if p["group_id"] == step]
             assert chosen and chosen[0]["partial"]
             specs = engine.network.specs
-            within = [{**full, step: full[step] - k} for k in range(8, cap + 1, 8)]
+            grid = engine.config.step
+            within = [{**full, step: full[step] - k} for k in range(grid, cap + 1, grid)]
             assert all(engine.metric(specs(c)) >= engine.metric(specs(full)) for c in within)
         assert all("partial" in p for p in r.history[0].proposals)

@@ -106,8 +106,10 @@ def choose_proposals(
         capped: Proposal | None = None
         for n_keep in reversed(counts):
             beyond_cap = max_cut < 1 and n_keep < floor
-            if beyond_cap and (best is not None or strict_cap):  # the target lies beyond the cap
-                capped = best  # the largest reduction within it (None: nothing within it moves)
+            if beyond_cap and (best is not None or strict_cap):
+                # Past the cap: the largest reduction within it (None under `strict_cap` when
+                # nothing within it moved the metric: the group offers no step).
+                capped = best
                 break
             trial = dict(config)
             trial[g.id] = n_keep
