@@ -10,9 +10,12 @@ Built-in sources (nothing is downloaded):
   one row per image, 784 pixel values 0-255 row-major then the label; rows sorted by label,
   500 per class). Default split 3,500 / 500 / 1,000.
 * ``mnist_clutter_64``: the same 5,000 digits made into 64x64 scenes, reproducibly (seed 0):
-  each digit at a random position on a black canvas with 6 clutter patches (8x8 pieces cut from
+  each digit at a random position on a black canvas with 2 clutter patches (6x6 pieces cut from
   other digits) at random positions; the digit is drawn last. Layers then run at phone-like
-  resolutions (32x32 after a stride-2 stem) where 28x28 inputs make most of them tiny.
+  resolutions (32x32 after a stride-2 stem) where 28x28 inputs make most of them tiny. (The
+  first definition, 6 pieces of 8x8, was too hard for 3,500 training scenes: MobileNetV2 width
+  0.35 reached 19% holdout accuracy after 5 epochs and 50% after 40. Width 0.75 on these
+  scenes reaches ~84% in 11.)
 * ``digits``: scikit-learn's 1,797 8x8 digits (values 0-16), optionally upsampled.
 * an image-folder directory (one sub-folder per class; or ``train/`` and ``test/`` folders of
   that layout, in which case ``test/`` is the test set), read with PIL.
@@ -138,7 +141,7 @@ def load_mnist_5k() -> LabeledImages:
 
 
 def load_mnist_clutter(
-    size: int = 64, pieces: int = 6, piece_size: int = 8, seed: int = CLUTTER_SEED
+    size: int = 64, pieces: int = 2, piece_size: int = 6, seed: int = CLUTTER_SEED
 ) -> LabeledImages:
     """The MNIST 5k digits, each at a random position on a ``size`` x ``size`` canvas with
     ``pieces`` clutter patches cut from other digits (cluttered MNIST, as in Mnih et al. 2014).
