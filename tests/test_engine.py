@@ -158,23 +158,51 @@ def test_a_table_with_flatter_ratios_than_the_device_lets_the_device_decide(
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_relative_budget_aims_the_table_at_its_ratio_not_at_one_measurement_of_the_original(
+    table, splits, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    # Seen on the 64x64 task: the original measured at the start under other tenants' load
+    # 34% above the calibrated table's estimate of it. Aimed at the budget's milliseconds,
+    # the table's target sat 1.6% below the original's estimate for a 75% budget. The checks
+    # of a relative budget are ratios, so the table aims at the same ratio of its estimate.
+    calibrated = _calibrated(table)
+    quiet = small_engine(calibrated, splits, tmp_path / "quiet", _config())
+    full = quiet._estimate(quiet.network.full_config())
+    aim = quiet._aim(BUDGET_FRACTION)
+    for original_ms in (full, 1.34 * full, 0.8 * full):
+        assert quiet._estimate_target(aim * original_ms, original_ms, full) == pytest.approx(
+            aim * full), original_ms
+    # An absolute budget is milliseconds on the device: a calibrated table aims at it as is.
+    absolute = small_engine(calibrated, splits, tmp_path / "ms",
+                            _config(budget=Budget(ms=0.8 * full)))
+    assert absolute._estimate_target(0.8 * full, 1.34 * full, full) == pytest.approx(0.8 * full)
+
+
 def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_the_budget(
     table, splits, tmp_path, monkeypatch  # type: ignore[no-untyped-def]
 ) -> None:
-    # Seen in bench-adapt: a calibrated table that estimated a run's networks 39% above the
-    # device put the first check at 0.279 of the original for a budget of 0.35. Here the
-    # fitted table estimates every network 1.5x its device figure, so the estimate nears its
-    # target (the budget in ms) only once the device runs the network at ~0.45 of the original.
+    # Seen in bench-adapt (when the table aimed in milliseconds): a calibrated table that
+    # estimated a run's networks 39% above the device put the first check at 0.279 of the
+    # original for a budget of 0.35. In the ratio the table now aims at, the same fault is a
+    # table whose ratios run flatter than the device's. Here the table carries a fixed cost
+    # the device does not have (the original's estimate again), so it estimates every pruned
+    # network at a larger ratio to the original than the device measures: (r + 1) / 2 for r.
+    # It meets its target (the aim, 0.88 of the original's
+    # estimate) only once the device runs the network at ~0.76 of the original.
     pool, store, est = table
     fit = est.correction
-    over = LatencyEstimator(store.load_values(), 1.5 * est.overhead_ms,
-                            Correction(c_sum=1.5 * fit.c_sum, c_units=1.5 * fit.c_units,
-                                       c_weights=1.5 * fit.c_weights, samples=1),
+    full = est.estimate(small_network().specs(small_network().full_config()))
+    over = LatencyEstimator(store.load_values(), est.overhead_ms + full,
+                            Correction(c_sum=fit.c_sum, c_units=fit.c_units,
+                                       c_weights=fit.c_weights, samples=1),
                             fetch=est.fetch)
-    # Checks only by the 5% cadence: none because the estimate neared its target (which a
-    # table flagged as flat, noise permitting, can move up to the run's networks).
+    budget = Budget(fraction=0.9)
+    # Checks only by the cadence (every 2% the estimate falls, 4% on the device here): none
+    # because the estimate neared its target.
     monkeypatch.setattr("host.engine.netadapt.MEASURE_WITHIN", -0.5)
-    first = small_engine((pool, store, over), splits, tmp_path / "run", _config())
+    monkeypatch.setattr("host.engine.netadapt.MEASURE_EVERY_DROP", 0.02)
+    config = _config(budget=budget, initial_reduction=0.02)
+    first = small_engine((pool, store, over), splits, tmp_path / "run", config)
 
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the long-term fine-tune, after the check met
@@ -190,7 +218,7 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     assert on_disk["budget_check"]["decision"] == "met"
     assert state.iteration not in state.measured
     # Resumed, the run checks that network again before any step, not prune on unchecked.
-    resumed = small_engine((pool, store, over), splits, tmp_path / "run", _config())
+    resumed = small_engine((pool, store, over), splits, tmp_path / "run", config)
     checked: list[int] = []
     check = resumed._check_budget
 
@@ -204,8 +232,12 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     checks = [r.budget_check for r in result.history if r.budget_check]
     assert checks and _met(checks[-1])  # type: ignore[arg-type]
     # The run stopped near the budget, not where the estimate met its target far below it.
-    assert result.final_ratio is not None and result.final_ratio.value >= 0.8 * BUDGET_FRACTION, (
+    assert result.final_ratio is not None and result.final_ratio.value >= 0.8, (
         result.final_ratio, [(c["value"], c["decision"]) for c in checks])  # type: ignore[index]
+    # (The premise: the table put the final network well above the device's ratio.)
+    final = over.estimate(resumed.network.specs(result.history[-1].channels))
+    assert final / over.estimate(resumed.network.specs(resumed.network.full_config())) > \
+        result.final_ratio.value + 0.03
 
 
 def _calibrated(table):  # type: ignore[no-untyped-def]
