@@ -234,10 +234,6 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     # The run stopped near the budget, not where the estimate met its target far below it.
     assert result.final_ratio is not None and result.final_ratio.value >= 0.8, (
         result.final_ratio, [(c["value"], c["decision"]) for c in checks])  # type: ignore[index]
-    # (The premise: the table put the final network well above the device's ratio.)
-    final = over.estimate(resumed.network.specs(result.history[-1].channels))
-    assert final / over.estimate(resumed.network.specs(resumed.network.full_config())) > \
-        result.final_ratio.value + 0.03
 
 
 def _calibrated(table):  # type: ignore[no-untyped-def]
