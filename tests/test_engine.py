@@ -187,8 +187,8 @@ def test_a_table_that_over_estimates_pruned_networks_cannot_carry_the_run_past_t
     # table whose ratios run flatter than the device's. Here the table carries a fixed cost
     # the device does not have (the original's estimate again), so it estimates every pruned
     # network at a larger ratio to the original than the device measures: (r + 1) / 2 for r.
-    # It meets its target (the aim, 0.88 of the original's
-    # estimate) only once the device runs the network at ~0.76 of the original.
+    # It meets its target (the aim, 0.88 of the original's estimate) only once the device runs
+    # the network at ~0.76 of the original.
     pool, store, est = table
     fit = est.correction
     full = est.estimate(small_network().specs(small_network().full_config()))
